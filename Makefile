@@ -1,0 +1,29 @@
+# The two commands: `make run` and `make test` (see README.md).
+.PHONY: run test deps lint unit functional e2e bench clean
+
+deps:
+	sh scripts/install-deps.sh
+
+run: deps
+	sh scripts/start-dockerd.sh
+	.venv/bin/calico-cnm serve
+
+test: deps
+	sh scripts/start-dockerd.sh
+	sh scripts/build-test-image.sh
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -p no:cacheprovider -q tests
+
+unit: deps
+	.venv/bin/python -m pytest -q tests/unit
+
+lint: deps
+	.venv/bin/ruff check .
+
+bench: deps
+	sh scripts/start-dockerd.sh
+	sh scripts/build-test-image.sh
+	.venv/bin/python bench/docker_run.py
+
+clean:
+	rm -rf .venv build *.egg-info

@@ -1,0 +1,117 @@
+"""The datastore contract: a key-value store with revisions.
+
+Every backend (SQLite embedded, etcd v3) offers the same operations with the
+same semantics, so the rest of the project never knows which one it talks to.
+Values are JSON text; revisions are store-wide and strictly increasing, as in
+etcd: every write gets a new revision and an entry remembers the revision of
+its last write (its mod revision).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+# Every key the project writes lives under this prefix.
+ROOT = "/calico-cnm/v1/"
+
+
+class DatastoreError(Exception):
+    """Base class of every datastore failure."""
+
+
+class AlreadyExists(DatastoreError):
+    """create() found the key already present."""
+
+
+class RevisionConflict(DatastoreError):
+    """A compare-and-swap found another revision (or no key) than expected."""
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The backend cannot be reached (etcd down, database locked for too long)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    revision: int
+
+    @property
+    def data(self) -> Any:
+        return json.loads(self.value)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change seen by watch(): kind is "put" or "delete"."""
+
+    kind: str
+    key: str
+    value: str | None
+    revision: int
+
+
+class Datastore(ABC):
+    """Key-value store with compare-and-swap on per-key mod revisions."""
+
+    @abstractmethod
+    def get(self, key: str) -> Entry | None:
+        """The entry at key, or None."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[Entry]:
+        """Every entry whose key starts with prefix, sorted by key."""
+
+    @abstractmethod
+    def create(self, key: str, value: str) -> Entry:
+        """Write key only if absent; raises AlreadyExists otherwise."""
+
+    @abstractmethod
+    def update(self, key: str, value: str, revision: int) -> Entry:
+        """Write key only if its mod revision is still `revision`; else RevisionConflict."""
+
+    @abstractmethod
+    def delete(self, key: str, revision: int | None = None) -> bool:
+        """Delete key. With a revision, only if unchanged (else RevisionConflict).
+
+        Returns False when the key was already gone (and no revision was given).
+        """
+
+    @abstractmethod
+    def current_revision(self) -> int:
+        """The store-wide revision of the latest write."""
+
+    @abstractmethod
+    def watch(self, prefix: str, after_revision: int, timeout: float) -> list[Event]:
+        """Changes under prefix with revision > after_revision, in order.
+
+        Blocks up to timeout seconds until at least one arrives; returns [] on
+        timeout. If history that old is gone (compacted), raises RevisionConflict
+        so the caller does a full resync.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    # Conveniences shared by every backend.
+
+    def put_json(self, key: str, data: Any) -> Entry:
+        """Unconditional write (create or overwrite); for records with one writer."""
+        while True:
+            current = self.get(key)
+            text = dumps(data)
+            try:
+                if current is None:
+                    return self.create(key, text)
+                return self.update(key, text, current.revision)
+            except (AlreadyExists, RevisionConflict):
+                continue
+
+
+def dumps(data: Any) -> str:
+    """The canonical JSON text of a record."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))

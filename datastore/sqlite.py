@@ -1,0 +1,177 @@
+"""Embedded datastore: one SQLite file (WAL) with etcd-like revisions.
+
+Several gunicorn workers and the agent open the same file; SQLite's own
+locking serialises writers, and every write is one IMMEDIATE transaction that
+bumps the store revision and appends to a change log, which watch() polls.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+
+from datastore.base import (
+    AlreadyExists,
+    Datastore,
+    DatastoreUnavailable,
+    Entry,
+    Event,
+    RevisionConflict,
+)
+
+# Change-log rows kept for watchers; older history is compacted away.
+CHANGELOG_KEEP = 10000
+WATCH_POLL_SECONDS = 0.05
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, revision INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (
+    revision INTEGER PRIMARY KEY, kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT
+);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', 0);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('compacted', 0);
+"""
+
+
+def _prefix_upper_bound(prefix: str) -> str:
+    return prefix + "\U0010ffff"
+
+
+class SqliteDatastore(Datastore):
+    def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        conn = self._conn()
+        with conn:
+            conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        # One connection per thread (and per process: the pid guards fork).
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    def _write(self, key: str, op: str, value: str | None, expect: int | None) -> Entry | bool:
+        """One atomic write. expect: None = unconditional, 0 = must be absent, N = mod rev."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise DatastoreUnavailable(f"sqlite datastore {self.path}: {exc}") from exc
+        try:
+            row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
+            current = row[0] if row else None
+            if expect == 0 and current is not None:
+                raise AlreadyExists(key)
+            if expect not in (None, 0) and current != expect:
+                raise RevisionConflict(f"{key}: expected revision {expect}, found {current}")
+            if op == "delete" and current is None:
+                conn.execute("ROLLBACK")
+                return False
+            revision = conn.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'revision' RETURNING value"
+            ).fetchone()[0]
+            if op == "put":
+                conn.execute(
+                    "INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                    (key, value, revision),
+                )
+            else:
+                conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            conn.execute(
+                "INSERT INTO changes (revision, kind, key, value) VALUES (?, ?, ?, ?)",
+                (revision, op, key, value),
+            )
+            if revision % 1000 == 0:
+                self._compact(conn, revision)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if op == "delete":
+            return True
+        assert value is not None
+        return Entry(key, value, revision)
+
+    @staticmethod
+    def _compact(conn: sqlite3.Connection, revision: int) -> None:
+        floor = revision - CHANGELOG_KEEP
+        if floor > 0:
+            conn.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
+            conn.execute("UPDATE meta SET value = ? WHERE name = 'compacted'", (floor,))
+
+    def get(self, key: str) -> Entry | None:
+        row = self._conn().execute(
+            "SELECT key, value, revision FROM kv WHERE key = ?", (key,)
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def list(self, prefix: str) -> list[Entry]:
+        rows = self._conn().execute(
+            "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+            (prefix, _prefix_upper_bound(prefix)),
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def create(self, key: str, value: str) -> Entry:
+        result = self._write(key, "put", value, 0)
+        assert isinstance(result, Entry)
+        return result
+
+    def update(self, key: str, value: str, revision: int) -> Entry:
+        if revision <= 0:
+            raise RevisionConflict(f"{key}: invalid revision {revision}")
+        result = self._write(key, "put", value, revision)
+        assert isinstance(result, Entry)
+        return result
+
+    def delete(self, key: str, revision: int | None = None) -> bool:
+        if revision is not None and revision <= 0:
+            raise RevisionConflict(f"{key}: invalid revision {revision}")
+        return bool(self._write(key, "delete", None, revision))
+
+    def current_revision(self) -> int:
+        return self._conn().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+
+    def watch(self, prefix: str, after_revision: int, timeout: float) -> list[Event]:
+        deadline = time.monotonic() + timeout
+        conn = self._conn()
+        while True:
+            compacted = conn.execute(
+                "SELECT value FROM meta WHERE name = 'compacted'"
+            ).fetchone()[0]
+            if after_revision < compacted:
+                raise RevisionConflict(f"revision {after_revision} has been compacted")
+            rows = conn.execute(
+                "SELECT kind, key, value, revision FROM changes WHERE revision > ? "
+                "AND key >= ? AND key < ? ORDER BY revision",
+                (after_revision, prefix, _prefix_upper_bound(prefix)),
+            ).fetchall()
+            if rows:
+                return [Event(*row) for row in rows]
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(WATCH_POLL_SECONDS)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
