@@ -1,0 +1,219 @@
+"""The `calico-cnm` command line: serve the plugin, run the agent, manage pools
+and inspect IPAM. Commands talk to the datastore directly, like calicoctl."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from datastore.base import Datastore, DatastoreError
+from datastore.errors import CalicoCnmError
+from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
+from plugin import settings as settings_module
+from plugin.app import build_ipam, open_datastore
+from plugin.settings import Settings
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _as_dict(item: Any) -> Any:
+    return dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item
+
+
+# Commands: each takes (settings, store, args) and returns an exit code.
+
+
+def cmd_pool_add(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    pool = build_ipam(settings, store).add_pool(
+        args.cidr, ipip=args.ipip, nat_outgoing=args.nat_outgoing,
+        disabled=args.disabled, block_size=args.block_size,
+    )
+    print(f"added pool {pool.cidr}")
+    return 0
+
+
+def cmd_pool_remove(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    build_ipam(settings, store).remove_pool(args.cidr)
+    print(f"removed pool {args.cidr}")
+    return 0
+
+
+def cmd_pool_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    usages = build_ipam(settings, store).list_pools()
+    if args.output == "json":
+        _print_json([_as_dict(u) for u in usages])
+        return 0
+    rows = []
+    for usage in usages:
+        pool = usage.pool
+        rows.append([
+            pool.cidr, "yes" if pool.ipip else "no", "yes" if pool.nat_outgoing else "no",
+            "yes" if pool.disabled else "no", f"/{pool.block_size}",
+            f"{usage.allocated}/{usage.capacity}",
+        ])
+    print(_table(["CIDR", "IPIP", "NAT-OUTGOING", "DISABLED", "BLOCK", "IN USE"], rows))
+    return 0
+
+
+def cmd_ipam_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    allocations = build_ipam(settings, store).list_allocations()
+    if args.output == "json":
+        _print_json([_as_dict(a) for a in allocations])
+        return 0
+    rows = [[a.address, a.subnet, a.kind, a.handle or "-", a.host or "-"] for a in allocations]
+    print(_table(["ADDRESS", "SUBNET", "KIND", "HANDLE", "HOST"], rows))
+    return 0
+
+
+def cmd_ipam_release(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    released = build_ipam(settings, store).release_handle(args.handle)
+    print(f"released {len(released)} address(es): {' '.join(released) or '-'}")
+    return 0 if released else 1
+
+
+def cmd_network_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    networks = [NetworkRecord.from_dict(e.data) for e in store.list(NETWORKS)]
+    if args.output == "json":
+        _print_json([n.to_dict() for n in networks])
+        return 0
+    rows = [[
+        n.id[:12], n.ipv4.cidr if n.ipv4 else "-", n.ipv4.gateway if n.ipv4 else "-",
+        n.ipv6.cidr if n.ipv6 else "-", ",".join(n.profiles) or "-",
+    ] for n in networks]
+    print(_table(["NETWORK", "IPV4 SUBNET", "GATEWAY", "IPV6 SUBNET", "PROFILES"], rows))
+    return 0
+
+
+def cmd_endpoint_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    endpoints = [EndpointRecord.from_dict(e.data) for e in store.list(ENDPOINTS)]
+    if args.output == "json":
+        _print_json([e.to_dict() for e in endpoints])
+        return 0
+    rows = [[
+        e.id[:12], e.network_id[:12], e.hostname, e.host_ifname, e.ipv4 or "-", e.ipv6 or "-",
+        "yes" if e.joined else "no",
+    ] for e in endpoints]
+    print(_table(["ENDPOINT", "NETWORK", "HOST", "INTERFACE", "IPV4", "IPV6", "JOINED"], rows))
+    return 0
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    settings_module.add_arguments(common)
+    parser = argparse.ArgumentParser(
+        prog="calico-cnm",
+        description="Calico layer-3 networking for Docker (network + IPAM plugin).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("serve", parents=[common],
+                        help="serve the plugin on the Docker plugin sockets (with the agent)")
+    commands.add_parser("agent", parents=[common],
+                        help="run only the per-host agent that reconciles the kernel")
+
+    pool = commands.add_parser("pool", help="IP pools that networks draw from")
+    pool_commands = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
+    add = pool_commands.add_parser("add", parents=[common], help="add a pool")
+    add.add_argument("cidr")
+    add.add_argument("--ipip", action="store_true", help="reach other hosts over IP-in-IP")
+    add.add_argument("--nat-outgoing", action="store_true",
+                     help="masquerade traffic leaving every pool")
+    add.add_argument("--disabled", action="store_true",
+                     help="keep the pool but carve no new networks from it")
+    add.add_argument("--block-size", type=int, default=None,
+                     help="prefix length of allocation blocks (default 26, IPv6 122)")
+    add.set_defaults(handler=cmd_pool_add)
+    remove = pool_commands.add_parser("remove", parents=[common],
+                                      help="remove a pool that has nothing in use")
+    remove.add_argument("cidr")
+    remove.set_defaults(handler=cmd_pool_remove)
+    show = pool_commands.add_parser("show", parents=[common], help="list pools with usage")
+    _output_flag(show)
+    show.set_defaults(handler=cmd_pool_show)
+
+    ipam = commands.add_parser("ipam", help="address allocations")
+    ipam_commands = ipam.add_subparsers(dest="ipam_command", required=True, metavar="ACTION")
+    ipam_show = ipam_commands.add_parser("show", parents=[common],
+                                         help="list allocated addresses and their handles")
+    _output_flag(ipam_show)
+    ipam_show.set_defaults(handler=cmd_ipam_show)
+    release = ipam_commands.add_parser("release", parents=[common],
+                                       help="release every address held by a handle (a leak)")
+    release.add_argument("--handle", required=True)
+    release.set_defaults(handler=cmd_ipam_release)
+
+    network = commands.add_parser("network", help="calico networks known to the datastore")
+    network_commands = network.add_subparsers(dest="network_command", required=True,
+                                              metavar="ACTION")
+    network_show = network_commands.add_parser("show", parents=[common])
+    _output_flag(network_show)
+    network_show.set_defaults(handler=cmd_network_show)
+
+    endpoint = commands.add_parser("endpoint", help="container endpoints on every host")
+    endpoint_commands = endpoint.add_subparsers(dest="endpoint_command", required=True,
+                                                metavar="ACTION")
+    endpoint_show = endpoint_commands.add_parser("show", parents=[common])
+    _output_flag(endpoint_show)
+    endpoint_show.set_defaults(handler=cmd_endpoint_show)
+    return parser
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    flags = {name: getattr(args, name, None) for name in settings_module.ENVIRONMENT}
+    return settings_module.load(flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_from(args)
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if args.command == "serve":
+            from plugin.server import serve
+
+            serve(settings)
+            return 0
+        store = open_datastore(settings)
+        if args.command == "agent":
+            from plugin.agent import Agent
+
+            Agent(settings, store).run()
+            return 0
+        handler: Callable[[Settings, Datastore, argparse.Namespace], int] = args.handler
+        try:
+            return handler(settings, store, args)
+        finally:
+            store.close()
+    except CalicoCnmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DatastoreError as exc:
+        print(f"error: datastore: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Network and endpoint records as kept in the datastore."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datastore.base import ROOT
+
+NETWORKS = ROOT + "networks/"
+ENDPOINTS = ROOT + "endpoints/"
+
+HOST_IFNAME_PREFIX = "cali"
+CONTAINER_IFNAME_PREFIX = "tmp"
+# Interface names are limited to 15 characters: prefix + 11 of the endpoint ID.
+IFNAME_ID_CHARS = 11
+
+
+def network_key(network_id: str) -> str:
+    return NETWORKS + network_id
+
+
+def endpoint_key(hostname: str, endpoint_id: str) -> str:
+    return f"{ENDPOINTS}{hostname}/{endpoint_id}"
+
+
+def host_ifname(endpoint_id: str) -> str:
+    return HOST_IFNAME_PREFIX + endpoint_id[:IFNAME_ID_CHARS]
+
+
+def container_ifname(endpoint_id: str) -> str:
+    return CONTAINER_IFNAME_PREFIX + endpoint_id[:IFNAME_ID_CHARS]
+
+
+@dataclass
+class Subnet:
+    """One address family of a network: its subnet and gateway (no prefix)."""
+
+    cidr: str
+    gateway: str | None
+    pool_id: str = ""
+
+
+@dataclass
+class NetworkRecord:
+    id: str
+    ipv4: Subnet | None
+    ipv6: Subnet | None
+    mtu: int | None = None
+    profiles: list[str] = field(default_factory=list)
+    internal: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkRecord:
+        return cls(
+            id=data["id"],
+            ipv4=Subnet(**data["ipv4"]) if data.get("ipv4") else None,
+            ipv6=Subnet(**data["ipv6"]) if data.get("ipv6") else None,
+            mtu=data.get("mtu"),
+            profiles=list(data.get("profiles", [])),
+            internal=bool(data.get("internal", False)),
+            options=dict(data.get("options", {})),
+        )
+
+
+@dataclass
+class PortMapping:
+    protocol: str
+    container_port: int
+    host_port: int
+    host_ip: str = ""
+
+
+@dataclass
+class EndpointRecord:
+    id: str
+    network_id: str
+    hostname: str
+    ipv4: str | None  # address with the subnet's prefix, e.g. "10.201.0.5/24"
+    ipv6: str | None
+    mac: str = ""
+    joined: bool = False
+    profiles: list[str] = field(default_factory=list)
+    ports: list[PortMapping] = field(default_factory=list)
+
+    @property
+    def host_ifname(self) -> str:
+        return host_ifname(self.id)
+
+    @property
+    def container_ifname(self) -> str:
+        return container_ifname(self.id)
+
+    @property
+    def addresses(self) -> list[str]:
+        """The endpoint's addresses without prefix."""
+        return [a.split("/")[0] for a in (self.ipv4, self.ipv6) if a]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointRecord:
+        values = dict(data)
+        values["ports"] = [PortMapping(**p) for p in data.get("ports", [])]
+        return cls(**values)

@@ -1,0 +1,344 @@
+"""NetworkDriver logic: networks and endpoints in the datastore, veths in the kernel.
+
+Every container endpoint is a veth pair whose host end (cali...) is routed: a
+host route to each container address, the network's gateway address on the
+host end (so the host answers for it) and proxy ARP (so the host answers for
+peers in the same subnet). Each network keeps its own subnet and gateway, so
+`docker network inspect` is truthful and a container can join several
+networks: each interface has its own connected subnet and source address.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import netaddr
+
+from datastore.base import AlreadyExists, Datastore, RevisionConflict, dumps
+from datastore.errors import Conflict, InvalidRequest, NotFound
+from driver.netlink import Netlink
+from driver.records import (
+    ENDPOINTS,
+    NETWORKS,
+    EndpointRecord,
+    NetworkRecord,
+    PortMapping,
+    Subnet,
+    endpoint_key,
+    network_key,
+)
+from ipam_driver.service import IpamService
+
+log = logging.getLogger(__name__)
+
+GENERIC_OPTIONS = "com.docker.network.generic"
+INTERNAL_OPTION = "com.docker.network.internal"
+PORTMAP_OPTION = "com.docker.network.portmap"
+# `-o key=value` options a calico network understands.
+SUPPORTED_NETWORK_OPTIONS = ("mtu", "profile")
+IP_PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}
+CAS_RETRIES = 20
+
+
+def _parse_subnet(data: list[dict[str, Any]], family: int) -> Subnet | None:
+    if not data:
+        return None
+    label = "IPv4" if family == 4 else "IPv6"
+    if len(data) > 1:
+        raise InvalidRequest(f"a calico network takes one {label} subnet, not {len(data)}")
+    item = data[0]
+    try:
+        cidr = netaddr.IPNetwork(str(item.get("Pool", "")))
+    except (netaddr.AddrFormatError, ValueError) as exc:
+        raise InvalidRequest(f"{label} pool {item.get('Pool')!r} is not a CIDR") from exc
+    if cidr.version != family:
+        raise InvalidRequest(f"{label} pool {cidr} is of the wrong family")
+    if cidr.prefixlen == 0:
+        raise InvalidRequest(
+            f"{label} pool {cidr} is not a real subnet: use --ipam-driver calico-ipam"
+        )
+    gateway = None
+    if item.get("Gateway"):
+        try:
+            gateway = str(netaddr.IPNetwork(str(item["Gateway"])).ip)
+        except (netaddr.AddrFormatError, ValueError) as exc:
+            raise InvalidRequest(f"gateway {item['Gateway']!r} is not an address") from exc
+    return Subnet(cidr=str(cidr.cidr), gateway=gateway, pool_id=str(item.get("Pool")))
+
+
+def _parse_ports(options: dict[str, Any]) -> list[PortMapping]:
+    ports: list[PortMapping] = []
+    for item in options.get(PORTMAP_OPTION) or []:
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{PORTMAP_OPTION} must be a list of objects")
+        protocol = IP_PROTOCOLS.get(int(item.get("Proto", 6)))
+        if protocol is None:
+            raise InvalidRequest(f"port mapping protocol {item.get('Proto')} is not supported")
+        first = int(item.get("HostPort") or 0)
+        last = int(item.get("HostPortEnd") or first)
+        if first == 0:
+            raise InvalidRequest(
+                "publishing a port without a host port (docker run -p 80) is not supported; "
+                "name the host port, e.g. -p 8080:80"
+            )
+        container_port = int(item.get("Port", 0))
+        for offset, host_port in enumerate(range(first, last + 1)):
+            ports.append(PortMapping(
+                protocol=protocol, container_port=container_port + offset,
+                host_port=host_port, host_ip=str(item.get("HostIP") or ""),
+            ))
+    return ports
+
+
+def _half_routes(subnet: Subnet) -> list[dict[str, Any]]:
+    """IPv6 has no wildcard proxy NDP: route both halves of the subnet via the gateway.
+
+    The gateway itself gets a connected /128 first; otherwise, once the half that
+    contains it is routed via it, the kernel finds the gateway unreachable.
+    """
+    if subnet.gateway is None:
+        return []
+    network = netaddr.IPNetwork(subnet.cidr)
+    if network.prefixlen >= 127:
+        return []
+    routes: list[dict[str, Any]] = [{"Destination": f"{subnet.gateway}/128", "RouteType": 1}]
+    routes += [
+        {"Destination": str(half), "RouteType": 0, "NextHop": subnet.gateway}
+        for half in network.subnet(network.prefixlen + 1)
+    ]
+    return routes
+
+
+class NetworkService:
+    def __init__(
+        self,
+        store: Datastore,
+        ipam: IpamService,
+        hostname: str,
+        netlink_factory: Callable[[], Netlink] = Netlink,
+    ) -> None:
+        self._store = store
+        self._ipam = ipam
+        self._hostname = hostname
+        self._netlink_factory = netlink_factory
+
+    # Networks
+
+    def create_network(
+        self,
+        network_id: str,
+        options: dict[str, Any],
+        ipv4_data: list[dict[str, Any]],
+        ipv6_data: list[dict[str, Any]],
+    ) -> NetworkRecord:
+        generic = options.get(GENERIC_OPTIONS) or {}
+        if not isinstance(generic, dict):
+            raise InvalidRequest(f"{GENERIC_OPTIONS} must be an object")
+        unknown = sorted(set(generic) - set(SUPPORTED_NETWORK_OPTIONS))
+        if unknown:
+            raise InvalidRequest(
+                f"unsupported network option {unknown[0]!r}; calico networks accept: "
+                + ", ".join(SUPPORTED_NETWORK_OPTIONS)
+            )
+        mtu = None
+        if generic.get("mtu"):
+            try:
+                mtu = int(generic["mtu"])
+            except ValueError as exc:
+                raise InvalidRequest(f"mtu {generic['mtu']!r} is not a number") from exc
+            if not 576 <= mtu <= 65535:
+                raise InvalidRequest(f"mtu {mtu} is out of range (576 to 65535)")
+        profiles = [p.strip() for p in str(generic.get("profile", "")).split(",") if p.strip()]
+        ipv4 = _parse_subnet(ipv4_data, 4)
+        ipv6 = _parse_subnet(ipv6_data, 6)
+        if ipv4 is None and ipv6 is None:
+            raise InvalidRequest("a calico network needs an IPv4 or IPv6 subnet")
+        record = NetworkRecord(
+            id=network_id, ipv4=ipv4, ipv6=ipv6, mtu=mtu, profiles=profiles,
+            internal=bool(options.get(INTERNAL_OPTION, False)),
+            options={str(k): str(v) for k, v in generic.items()},
+        )
+        try:
+            self._store.create(network_key(network_id), dumps(record.to_dict()))
+        except AlreadyExists:
+            existing = self.get_network(network_id)
+            if existing.to_dict() != record.to_dict():
+                raise Conflict(
+                    f"network {network_id} already exists with other settings"
+                ) from None
+        return record
+
+    def get_network(self, network_id: str) -> NetworkRecord:
+        entry = self._store.get(network_key(network_id))
+        if entry is None:
+            raise NotFound(f"network {network_id} is not a calico network")
+        return NetworkRecord.from_dict(entry.data)
+
+    def list_networks(self) -> list[NetworkRecord]:
+        return [NetworkRecord.from_dict(e.data) for e in self._store.list(NETWORKS)]
+
+    def delete_network(self, network_id: str) -> None:
+        self.get_network(network_id)
+        users = [e for e in self.list_endpoints() if e.network_id == network_id]
+        if users:
+            raise Conflict(
+                f"network {network_id} still has {len(users)} endpoint(s), e.g. {users[0].id}"
+            )
+        self._store.delete(network_key(network_id))
+
+    # Endpoints
+
+    def _endpoint(self, network_id: str, endpoint_id: str) -> tuple[EndpointRecord, int]:
+        entry = self._store.get(endpoint_key(self._hostname, endpoint_id))
+        if entry is None:
+            raise NotFound(f"endpoint {endpoint_id} does not exist on this host")
+        record = EndpointRecord.from_dict(entry.data)
+        if record.network_id != network_id:
+            raise NotFound(f"endpoint {endpoint_id} is not in network {network_id}")
+        return record, entry.revision
+
+    def _update_endpoint(
+        self, network_id: str, endpoint_id: str, change: Callable[[EndpointRecord], None]
+    ) -> EndpointRecord:
+        for _ in range(CAS_RETRIES):
+            record, revision = self._endpoint(network_id, endpoint_id)
+            change(record)
+            try:
+                self._store.update(
+                    endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()), revision
+                )
+                return record
+            except RevisionConflict:
+                continue
+        raise Conflict(f"endpoint {endpoint_id} is being changed concurrently; retry")
+
+    def list_endpoints(self, hostname: str | None = None) -> list[EndpointRecord]:
+        prefix = ENDPOINTS if hostname is None else f"{ENDPOINTS}{hostname}/"
+        return [EndpointRecord.from_dict(e.data) for e in self._store.list(prefix)]
+
+    def create_endpoint(
+        self,
+        network_id: str,
+        endpoint_id: str,
+        interface: dict[str, Any],
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        network = self.get_network(network_id)
+        ipv4 = self._check_address(interface.get("Address"), network.ipv4, "IPv4")
+        ipv6 = self._check_address(interface.get("AddressIPv6"), network.ipv6, "IPv6")
+        if ipv4 is None and ipv6 is None:
+            raise InvalidRequest(f"endpoint {endpoint_id} has no address")
+        record = EndpointRecord(
+            id=endpoint_id, network_id=network_id, hostname=self._hostname,
+            ipv4=ipv4, ipv6=ipv6, mac=str(interface.get("MacAddress") or ""),
+            profiles=list(network.profiles), ports=_parse_ports(options),
+        )
+        try:
+            self._store.create(endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()))
+        except AlreadyExists as exc:
+            raise Conflict(f"endpoint {endpoint_id} already exists") from exc
+        for address in record.addresses:
+            try:
+                self._ipam.assign_handle(address, endpoint_id)
+            except NotFound:
+                log.warning("address %s of endpoint %s is not managed by calico-ipam",
+                            address, endpoint_id)
+        # Docker chose the addresses (and a MAC if any); nothing to add.
+        return {}
+
+    @staticmethod
+    def _check_address(value: Any, subnet: Subnet | None, label: str) -> str | None:
+        if not value:
+            return None
+        try:
+            address = netaddr.IPNetwork(str(value))
+        except (netaddr.AddrFormatError, ValueError) as exc:
+            raise InvalidRequest(f"{label} address {value!r} is not valid") from exc
+        if subnet is None or address.ip not in netaddr.IPNetwork(subnet.cidr):
+            raise InvalidRequest(f"{label} address {value} is outside the network's subnet")
+        return str(address)
+
+    def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, Any]:
+        record, _ = self._endpoint(network_id, endpoint_id)
+        return {
+            "HostInterface": record.host_ifname,
+            "IPv4": record.ipv4 or "",
+            "IPv6": record.ipv6 or "",
+            "Joined": record.joined,
+        }
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        record, revision = self._endpoint(network_id, endpoint_id)
+        with self._netlink_factory() as netlink:
+            for address in record.addresses:
+                netlink.delete_route(address)
+            netlink.delete_link(record.host_ifname)
+        try:
+            self._store.delete(endpoint_key(self._hostname, endpoint_id), revision)
+        except RevisionConflict:
+            self._store.delete(endpoint_key(self._hostname, endpoint_id))
+
+    def join(
+        self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        network = self.get_network(network_id)
+        record, _ = self._endpoint(network_id, endpoint_id)
+        gateways = [s.gateway for s in (network.ipv4, network.ipv6) if s and s.gateway]
+        with self._netlink_factory() as netlink:
+            netlink.create_veth(record.host_ifname, record.container_ifname, network.mtu)
+            try:
+                netlink.configure_host_end(record.host_ifname, gateways)
+                for address in record.addresses:
+                    netlink.add_route(address, record.host_ifname)
+            except Exception:
+                netlink.delete_link(record.host_ifname)
+                raise
+
+        def mark_joined(r: EndpointRecord) -> None:
+            r.joined = True
+
+        self._update_endpoint(network_id, endpoint_id, mark_joined)
+        reply: dict[str, Any] = {
+            "InterfaceName": {"SrcName": record.container_ifname, "DstPrefix": "eth"},
+            "DisableGatewayService": True,
+        }
+        static_routes: list[dict[str, Any]] = []
+        if network.ipv4 and network.ipv4.gateway and record.ipv4 and not network.internal:
+            reply["Gateway"] = network.ipv4.gateway
+        if network.ipv6 and network.ipv6.gateway and record.ipv6:
+            static_routes.extend(_half_routes(network.ipv6))
+            if not network.internal:
+                reply["GatewayIPv6"] = network.ipv6.gateway
+        if static_routes:
+            reply["StaticRoutes"] = static_routes
+        return reply
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        record, _ = self._endpoint(network_id, endpoint_id)
+        with self._netlink_factory() as netlink:
+            for address in record.addresses:
+                netlink.delete_route(address)
+            netlink.delete_link(record.host_ifname)
+
+        def mark_left(r: EndpointRecord) -> None:
+            r.joined = False
+
+        self._update_endpoint(network_id, endpoint_id, mark_left)
+
+    def program_external_connectivity(
+        self, network_id: str, endpoint_id: str, options: dict[str, Any]
+    ) -> None:
+        ports = _parse_ports(options)
+
+        def set_ports(r: EndpointRecord) -> None:
+            r.ports = ports
+
+        self._update_endpoint(network_id, endpoint_id, set_ports)
+
+    def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None:
+        def clear_ports(r: EndpointRecord) -> None:
+            r.ports = []
+
+        self._update_endpoint(network_id, endpoint_id, clear_ports)

@@ -1,0 +1,257 @@
+"""The allocation block: a pure allocator over one small CIDR (no I/O).
+
+A block is one cell of a pool's grid (a /26 or /122 by default, 64
+addresses). It has an affinity host (the host that claimed it and allocates
+from it first) and, per allocated address, a handle (the endpoint id, once
+known) and free-form JSON attributes (the service records the kind:
+"gateway" | "aux" | "container", the subnet and its reservation id).
+
+The service reads a block from the datastore, changes it here, and writes it
+back with a compare-and-swap on the revision it read; nothing in this module
+knows about storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange, IPSet
+
+from datastore.errors import Conflict, InvalidRequest, NotFound
+
+Allowed = IPSet | IPNetwork | IPRange | str | Iterable[IPNetwork | IPRange | str]
+
+
+class AddressInUse(Conflict):
+    """allocate() of an address that is already allocated."""
+
+
+class AddressNotAllocated(NotFound):
+    """release() or set_handle() of an address that is not allocated."""
+
+
+class AddressOutsideBlock(InvalidRequest):
+    """An address that this block does not hold."""
+
+
+def as_ipset(allowed: Allowed) -> IPSet:
+    """Normalise an allowed range: an IPSet, a CIDR/range, or an iterable of them."""
+    if isinstance(allowed, IPSet):
+        return allowed
+    if isinstance(allowed, IPNetwork | IPRange | str):
+        return IPSet([allowed]) if not isinstance(allowed, IPRange) else IPSet(allowed)
+    result = IPSet()
+    for item in allowed:
+        result.update(IPSet(item) if isinstance(item, IPRange) else IPSet([item]))
+    return result
+
+
+@dataclass
+class AddressAllocation:
+    """What is known about one allocated address."""
+
+    handle: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"handle": self.handle, "attrs": dict(self.attrs)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AddressAllocation:
+        return cls(handle=data.get("handle"), attrs=dict(data.get("attrs") or {}))
+
+
+class AllocationBlock:
+    """2 ** (max_prefix - prefixlen) addresses with host affinity and per-address records."""
+
+    def __init__(
+        self,
+        cidr: IPNetwork | str,
+        host: str | None = None,
+        allocations: dict[int, AddressAllocation] | None = None,
+    ) -> None:
+        net = IPNetwork(cidr)
+        if net.ip != net.network:
+            raise ValueError(f"block {cidr} has host bits set")
+        self.cidr: IPNetwork = net.cidr
+        self.host = host
+        self._allocations: dict[int, AddressAllocation] = {}
+        for value, record in (allocations or {}).items():
+            self._check_inside(int(value))
+            self._allocations[int(value)] = record
+
+    # ----------------------------------------------------------- properties
+
+    @property
+    def version(self) -> int:
+        return self.cidr.version
+
+    @property
+    def size(self) -> int:
+        return self.cidr.size
+
+    @property
+    def used_count(self) -> int:
+        return len(self._allocations)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._allocations
+
+    def free_count(self, allowed: Allowed | None = None, reserved: Iterable[int] = ()) -> int:
+        """Free addresses, within allowed (default: the whole block), not reserved."""
+        candidates = self._candidate_ranges(allowed)
+        total = sum(last - first + 1 for first, last in candidates)
+        excluded = set(self._allocations) | {int(r) for r in reserved}
+        for value in excluded:
+            if any(first <= value <= last for first, last in candidates):
+                total -= 1
+        return total
+
+    def __contains__(self, address: object) -> bool:
+        try:
+            value = int(IPAddress(address))  # type: ignore[arg-type]
+        except (AddrFormatError, ValueError, TypeError):
+            return False
+        return self.cidr.first <= value <= self.cidr.last
+
+    # ------------------------------------------------------------ operations
+
+    def allocate_next(
+        self,
+        allowed: Allowed | None = None,
+        reserved: Iterable[int | IPAddress] = (),
+        handle: str | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> IPAddress | None:
+        """Allocate the lowest free address inside allowed, skipping reserved.
+
+        Returns None (and changes nothing) when no such address is free.
+        """
+        skip = {int(r) for r in reserved}
+        for first, last in self._candidate_ranges(allowed):
+            value = first
+            while value <= last:
+                if value not in self._allocations and value not in skip:
+                    self._allocations[value] = AddressAllocation(handle, dict(attrs or {}))
+                    return IPAddress(value, self.version)
+                value += 1
+        return None
+
+    def allocate(
+        self,
+        address: IPAddress | str | int,
+        handle: str | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> IPAddress:
+        """Allocate one given address; AddressInUse if it is taken."""
+        value = self._value(address)
+        if value in self._allocations:
+            raise AddressInUse(f"address {IPAddress(value, self.version)} is already in use")
+        self._allocations[value] = AddressAllocation(handle, dict(attrs or {}))
+        return IPAddress(value, self.version)
+
+    def release(self, address: IPAddress | str | int) -> AddressAllocation:
+        """Free one address and return its record; AddressNotAllocated if it is free."""
+        value = self._value(address)
+        try:
+            return self._allocations.pop(value)
+        except KeyError:
+            raise AddressNotAllocated(
+                f"address {IPAddress(value, self.version)} is not allocated"
+            ) from None
+
+    def release_where(
+        self, predicate: Callable[[IPAddress, AddressAllocation], bool]
+    ) -> list[IPAddress]:
+        """Free every address whose record matches predicate; the freed addresses."""
+        freed = [
+            IPAddress(value, self.version)
+            for value, record in sorted(self._allocations.items())
+            if predicate(IPAddress(value, self.version), record)
+        ]
+        for address in freed:
+            del self._allocations[int(address)]
+        return freed
+
+    def release_handle(self, handle: str) -> list[IPAddress]:
+        return self.release_where(lambda _address, record: record.handle == handle)
+
+    def set_handle(self, address: IPAddress | str | int, handle: str | None) -> None:
+        self.get_or_raise(address).handle = handle
+
+    def get(self, address: IPAddress | str | int) -> AddressAllocation | None:
+        return self._allocations.get(self._value(address))
+
+    def get_or_raise(self, address: IPAddress | str | int) -> AddressAllocation:
+        value = self._value(address)
+        record = self._allocations.get(value)
+        if record is None:
+            raise AddressNotAllocated(
+                f"address {IPAddress(value, self.version)} is not allocated"
+            )
+        return record
+
+    def allocations(self) -> list[tuple[IPAddress, AddressAllocation]]:
+        """Every allocated address with its record, in address order."""
+        return [
+            (IPAddress(value, self.version), record)
+            for value, record in sorted(self._allocations.items())
+        ]
+
+    # ----------------------------------------------------------- persistence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cidr": str(self.cidr),
+            "host": self.host,
+            "allocations": {
+                str(IPAddress(value, self.version)): record.to_dict()
+                for value, record in sorted(self._allocations.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AllocationBlock:
+        """Rebuild a block; ValueError if an address lies outside it."""
+        allocations = {
+            int(IPAddress(address)): AddressAllocation.from_dict(record)
+            for address, record in (data.get("allocations") or {}).items()
+        }
+        return cls(data["cidr"], data.get("host"), allocations)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AllocationBlock):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"AllocationBlock({self.cidr}, host={self.host!r}, used={self.used_count})"
+
+    # --------------------------------------------------------------- helpers
+
+    def _value(self, address: IPAddress | str | int) -> int:
+        if isinstance(address, int):
+            value = address
+        else:
+            ip = IPAddress(address)
+            if ip.version != self.version:
+                raise AddressOutsideBlock(f"address {ip} is not inside block {self.cidr}")
+            value = int(ip)
+        self._check_inside(value)
+        return value
+
+    def _check_inside(self, value: int) -> None:
+        if not self.cidr.first <= value <= self.cidr.last:
+            raise AddressOutsideBlock(
+                f"address {IPAddress(value, self.version)} is not inside block {self.cidr}"
+            )
+
+    def _candidate_ranges(self, allowed: Allowed | None) -> list[tuple[int, int]]:
+        """(first, last) integer ranges of allowed clipped to this block, in order."""
+        if allowed is None:
+            return [(self.cidr.first, self.cidr.last)]
+        inside = as_ipset(allowed) & IPSet([self.cidr])
+        return [(r.first, r.last) for r in inside.iter_ipranges()]

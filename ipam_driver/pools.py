@@ -1,0 +1,426 @@
+"""Pools and network subnets: the pure model (no I/O).
+
+A **Pool** is an address range that Docker networks draw from. Pools never
+overlap each other. Every pool is cut into a grid of *blocks* of
+``2 ** (max_prefix - block_size)`` addresses (64 by default); blocks carry
+host affinity (see ``ipam_driver.blocks``).
+
+A **subnet reservation** is what Docker's ``RequestPool`` creates: one network
+subnet inside one pool. Subnets never overlap each other.
+
+Both collections are stored as one JSON document each (``PoolSet`` under
+``pools``, ``SubnetTable`` under ``ipam/subnets``), so every check that spans
+the collection (overlap, first free subnet) and the write that follows it are
+one compare-and-swap on one key. ``ipam_driver.service`` does the I/O.
+
+Bounds, chosen so that every block and every network has room for a gateway
+and at least one container, and a block document stays small:
+
+* IPv4 block size: /20 (4096 addresses) to /30 (4 addresses); default /26.
+* IPv6 block size: /116 (4096 addresses) to /126 (4 addresses); default /122.
+* A pool holds at least one block: its prefix length is <= its block size.
+* A network subnet is at most /30 (IPv4) or /126 (IPv6).
+* Pools may not overlap loopback, link-local, multicast or the unspecified
+  ranges: those addresses cannot be routed to a container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork, IPSet
+
+from datastore.errors import Conflict, InvalidRequest, NotFound
+
+DEFAULT_BLOCK_SIZE = {4: 26, 6: 122}
+BLOCK_SIZE_BOUNDS = {4: (20, 30), 6: (116, 126)}
+MAX_SUBNET_PREFIX = {4: 30, 6: 126}
+MAX_PREFIX = {4: 32, 6: 128}
+
+# Ranges that can never hold container addresses.
+FORBIDDEN_RANGES = {
+    4: [
+        ("0.0.0.0/8", "the 'this network' range"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved (class E)"),
+    ],
+    6: [
+        ("::/127", "unspecified/loopback"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    ],
+}
+
+ADD_POOL_HINT = "calico-cnm pool add"
+
+
+def family_name(version: int) -> str:
+    return "IPv6" if version == 6 else "IPv4"
+
+
+def parse_cidr(text: object, what: str = "CIDR") -> IPNetwork:
+    """Parse a CIDR written as ``address/prefixlen``; refuse host bits.
+
+    Raises InvalidRequest with a message naming `what` (e.g. "pool") and, for
+    host bits, the network address the operator probably meant.
+    """
+    if not isinstance(text, str) or "/" not in text:
+        raise InvalidRequest(
+            f"invalid {what} {text!r}: expected a CIDR such as 10.10.0.0/16 or fd00:10::/64"
+        )
+    try:
+        net = IPNetwork(text.strip())
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise InvalidRequest(
+            f"invalid {what} {text!r}: expected a CIDR such as 10.10.0.0/16 or fd00:10::/64"
+        ) from exc
+    if net.ip != net.network:
+        raise InvalidRequest(
+            f"invalid {what} {text}: host bits are set; the network address is {net.cidr}"
+        )
+    return net.cidr
+
+
+def parse_address(text: object, what: str = "address") -> IPAddress:
+    """Parse a plain address (a trailing ``/prefixlen`` is accepted and ignored)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest(f"invalid {what} {text!r}")
+    value = text.strip()
+    try:
+        if "/" in value:
+            return IPNetwork(value).ip
+        return IPAddress(value)
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise InvalidRequest(f"invalid {what} {text!r}: not an IP address") from exc
+
+
+def grid_block(address: IPAddress | int, version: int, block_size: int) -> IPNetwork:
+    """The block of the grid (block_size) that contains address."""
+    return IPNetwork((int(address), block_size), version=version).cidr
+
+
+# --------------------------------------------------------------------------- pools
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One address range networks draw from.
+
+    ``deleting`` is set while ``remove_pool`` runs (and stays set if that run
+    was interrupted): such a pool hands out no new subnet; removing it again
+    finishes the job.
+    """
+
+    cidr: str
+    block_size: int
+    ipip: bool = False
+    nat_outgoing: bool = False
+    disabled: bool = False
+    deleting: bool = False
+
+    @property
+    def network(self) -> IPNetwork:
+        return IPNetwork(self.cidr)
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def usable(self) -> bool:
+        """True when new network subnets may be drawn from this pool."""
+        return not self.disabled and not self.deleting
+
+    @property
+    def block_count(self) -> int:
+        return 2 ** (self.block_size - self.network.prefixlen)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "cidr": self.cidr,
+            "block_size": self.block_size,
+            "ipip": self.ipip,
+            "nat_outgoing": self.nat_outgoing,
+            "disabled": self.disabled,
+        }
+        if self.deleting:
+            data["deleting"] = True
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pool:
+        return cls(
+            cidr=str(data["cidr"]),
+            block_size=int(data["block_size"]),
+            ipip=bool(data.get("ipip", False)),
+            nat_outgoing=bool(data.get("nat_outgoing", False)),
+            disabled=bool(data.get("disabled", False)),
+            deleting=bool(data.get("deleting", False)),
+        )
+
+
+def make_pool(
+    cidr: str,
+    ipip: bool = False,
+    nat_outgoing: bool = False,
+    disabled: bool = False,
+    block_size: int | None = None,
+) -> Pool:
+    """A validated Pool (InvalidRequest on a bad CIDR, a bad or too big block size)."""
+    net = parse_cidr(cidr, "pool")
+    version = net.version
+    for forbidden, label in FORBIDDEN_RANGES[version]:
+        bad = IPNetwork(forbidden)
+        if net.first <= bad.last and bad.first <= net.last:
+            raise InvalidRequest(
+                f"invalid pool {net}: it overlaps {bad} ({label}), which cannot hold "
+                "container addresses"
+            )
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE[version]
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise InvalidRequest(f"invalid block size {block_size!r}: expected an integer")
+    low, high = BLOCK_SIZE_BOUNDS[version]
+    if not low <= block_size <= high:
+        raise InvalidRequest(
+            f"invalid block size /{block_size} for {family_name(version)} pool {net}: "
+            f"it must be between /{low} and /{high}"
+        )
+    if net.prefixlen > block_size:
+        raise InvalidRequest(
+            f"pool {net} is smaller than one /{block_size} block: use a pool of prefix "
+            f"length /{block_size} or shorter, or a smaller block size"
+        )
+    return Pool(
+        cidr=str(net),
+        block_size=block_size,
+        ipip=bool(ipip),
+        nat_outgoing=bool(nat_outgoing),
+        disabled=bool(disabled),
+    )
+
+
+def _sort_key(net: IPNetwork) -> tuple[int, int, int]:
+    return (net.version, net.first, net.prefixlen)
+
+
+@dataclass
+class PoolSet:
+    """Every pool: the document stored under ``pools``. Kept in address order."""
+
+    pools: list[Pool] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pools": [pool.to_dict() for pool in self.pools]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PoolSet:
+        if not data:
+            return cls()
+        return cls([Pool.from_dict(item) for item in data.get("pools", [])])
+
+    def get(self, cidr: str) -> Pool:
+        net = parse_cidr(cidr, "pool")
+        for pool in self.pools:
+            if pool.network == net:
+                return pool
+        known = ", ".join(p.cidr for p in self.pools) or "none"
+        raise NotFound(f"no pool {net} (pools: {known})")
+
+    def of_family(self, version: int) -> list[Pool]:
+        return [pool for pool in self.pools if pool.version == version]
+
+    def overlapping(self, net: IPNetwork) -> list[Pool]:
+        return [
+            pool
+            for pool in self.pools
+            if pool.version == net.version
+            and pool.network.first <= net.last
+            and net.first <= pool.network.last
+        ]
+
+    def containing(self, net: IPNetwork | IPAddress) -> Pool | None:
+        """The pool that holds net (a subnet or an address), if any."""
+        if isinstance(net, IPAddress):
+            net = IPNetwork((int(net), MAX_PREFIX[net.version]), version=net.version)
+        for pool in self.pools:
+            if pool.version == net.version and net in pool.network:
+                return pool
+        return None
+
+    def add(self, pool: Pool) -> None:
+        """Add pool; Conflict naming the pool(s) it overlaps."""
+        clash = self.overlapping(pool.network)
+        if clash:
+            names = ", ".join(
+                p.cidr + (" (being removed)" if p.deleting else "") for p in clash
+            )
+            raise Conflict(f"pool {pool.cidr} overlaps existing pool {names}")
+        self.pools.append(pool)
+        self.pools.sort(key=lambda p: _sort_key(p.network))
+
+    def replace(self, pool: Pool) -> None:
+        self.pools = [pool if p.cidr == pool.cidr else p for p in self.pools]
+
+    def remove(self, cidr: str) -> None:
+        self.pools = [p for p in self.pools if p.cidr != cidr]
+
+
+def set_flags(
+    pool: Pool,
+    ipip: bool | None = None,
+    nat_outgoing: bool | None = None,
+    disabled: bool | None = None,
+) -> Pool:
+    """pool with the given flags changed (None keeps a flag)."""
+    changes: dict[str, bool] = {}
+    if ipip is not None:
+        changes["ipip"] = bool(ipip)
+    if nat_outgoing is not None:
+        changes["nat_outgoing"] = bool(nat_outgoing)
+    if disabled is not None:
+        changes["disabled"] = bool(disabled)
+    return replace(pool, **changes)
+
+
+# ------------------------------------------------------------------------- subnets
+
+
+@dataclass(frozen=True)
+class SubnetReservation:
+    """One network subnet reserved by Docker's RequestPool.
+
+    ``id`` is unique per reservation (a reservation of the same CIDR made after
+    a release gets another id); every address allocated in the subnet records
+    it, so releasing the subnet never frees a later network's addresses.
+    """
+
+    cidr: str
+    pool: str
+    block_size: int
+    id: str
+    sub_pool: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    host: str | None = None
+
+    @property
+    def network(self) -> IPNetwork:
+        return IPNetwork(self.cidr)
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def scope(self) -> IPNetwork:
+        """Where automatic addresses come from: the ip-range if given, else the subnet."""
+        return IPNetwork(self.sub_pool) if self.sub_pool else self.network
+
+    def reserved_addresses(self) -> set[int]:
+        """Never handed out: the network address and, for IPv4, the broadcast address."""
+        net = self.network
+        reserved = {net.first}
+        if net.version == 4:
+            reserved.add(net.last)
+        return reserved
+
+    def first_usable(self) -> IPAddress:
+        return IPAddress(self.network.first + 1, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cidr": self.cidr,
+            "pool": self.pool,
+            "block_size": self.block_size,
+            "id": self.id,
+            "sub_pool": self.sub_pool,
+            "options": dict(self.options),
+            "host": self.host,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubnetReservation:
+        return cls(
+            cidr=str(data["cidr"]),
+            pool=str(data["pool"]),
+            block_size=int(data["block_size"]),
+            id=str(data["id"]),
+            sub_pool=data.get("sub_pool") or None,
+            options={str(k): str(v) for k, v in (data.get("options") or {}).items()},
+            host=data.get("host"),
+        )
+
+
+@dataclass
+class SubnetTable:
+    """Every reserved network subnet: the document stored under ``ipam/subnets``."""
+
+    subnets: dict[str, SubnetReservation] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"subnets": {cidr: rec.to_dict() for cidr, rec in self.subnets.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SubnetTable:
+        if not data:
+            return cls()
+        return cls(
+            {
+                str(cidr): SubnetReservation.from_dict(rec)
+                for cidr, rec in (data.get("subnets") or {}).items()
+            }
+        )
+
+    def get(self, cidr: str) -> SubnetReservation | None:
+        return self.subnets.get(cidr)
+
+    def sorted(self) -> list[SubnetReservation]:
+        return sorted(self.subnets.values(), key=lambda r: _sort_key(r.network))
+
+    def overlapping(self, net: IPNetwork) -> list[SubnetReservation]:
+        return [
+            rec
+            for rec in self.sorted()
+            if rec.version == net.version
+            and rec.network.first <= net.last
+            and net.first <= rec.network.last
+        ]
+
+    def containing(self, address: IPAddress) -> SubnetReservation | None:
+        for rec in self.subnets.values():
+            if rec.version == address.version and address in rec.network:
+                return rec
+        return None
+
+    def add(self, rec: SubnetReservation) -> None:
+        clash = self.overlapping(rec.network)
+        if clash:
+            names = ", ".join(r.cidr for r in clash)
+            raise Conflict(
+                f"subnet {rec.cidr} overlaps subnet {names}, already used by another network"
+            )
+        self.subnets[rec.cidr] = rec
+
+    def remove(self, cidr: str) -> SubnetReservation:
+        try:
+            return self.subnets.pop(cidr)
+        except KeyError:
+            raise NotFound(f"unknown IPAM pool id {cidr!r}: no such network subnet") from None
+
+
+def carve(pool: IPNetwork, taken: Iterable[IPNetwork], prefixlen: int) -> IPNetwork | None:
+    """The first subnet of prefixlen inside pool that overlaps nothing in taken.
+
+    A pool smaller than prefixlen is one subnet as a whole. Works on the free
+    space (an IPSet), so it is cheap even for an IPv6 /48 pool cut into /64s.
+    """
+    size = max(prefixlen, pool.prefixlen)
+    free = IPSet([pool]) - IPSet(list(taken))
+    for cidr in free.iter_cidrs():
+        if cidr.prefixlen <= size:
+            return IPNetwork((cidr.first, size), version=pool.version).cidr
+    return None

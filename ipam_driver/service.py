@@ -1,0 +1,961 @@
+"""The IPAM service: pools, network subnets, addresses and handles over the datastore.
+
+Every operation is read -> decide (pure code in ``pools`` / ``blocks``) ->
+compare-and-swap write, retried from the read when another writer got there
+first (bounded by ``max_attempts``; then Unavailable). Nothing is cached in
+memory, so any number of workers and processes may share one datastore.
+
+Datastore keys (all under ``datastore.base.ROOT``, values JSON):
+
+``pools``
+    One document, ``{"pools": [Pool...]}``: every pool, in address order.
+``ipam/subnets``
+    One document, ``{"subnets": {cidr: SubnetReservation}}``: every network
+    subnet Docker reserved with RequestPool. One document, so the overlap
+    check and the reservation are one compare-and-swap.
+``ipam/blocks/<cidr with "/" as "-">``
+    One AllocationBlock per claimed cell of a pool's block grid, e.g.
+    ``ipam/blocks/10.0.1.64-26``. The block record holds its affinity host, so
+    claiming a block is a single ``create`` (no separate affinity key that
+    could disagree with it); a host's blocks are the blocks naming it. A block
+    whose last address is released is deleted (its affinity goes with it).
+
+Races and why they are safe:
+
+* Two networks reserving subnets: both CAS the one subnets document; the
+  loser re-reads and sees the winner's subnet.
+* Two hosts claiming one block: ``create`` lets exactly one win; every other
+  change to a block is an ``update`` or ``delete`` on the revision read.
+* ``release_pool`` vs ``request_address`` on the same subnet: the allocation
+  is written first and the reservation re-read afterwards; if it is gone (or
+  replaced by a new reservation of the same CIDR, recognised by its id), the
+  allocation is undone. The sweep of ``release_pool`` runs after the
+  reservation is removed, so every allocation is either swept or undone.
+* ``remove_pool`` vs ``request_pool``: remove marks the pool ``deleting``
+  (request_pool no longer draws from it), then re-reads the subnets document,
+  checks it and rewrites it unchanged with a CAS (the "touch"). request_pool
+  reads the subnets document *before* the pools document and CASes on the
+  revision of that first read. A request that did not see the mark read the
+  subnets document before the mark, hence before remove's re-read; so either
+  its reservation was written before the re-read (remove sees it and refuses),
+  or the two CAS writes race on one revision and the loser retries: a losing
+  request then sees the mark, a losing remove sees the reservation. Refused
+  removals that found the pool in use with plain reads write nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, ParamSpec, TypeVar
+
+from netaddr import IPAddress, IPNetwork, IPSet
+
+from datastore.base import (
+    ROOT,
+    AlreadyExists,
+    Datastore,
+    DatastoreUnavailable,
+    Entry,
+    RevisionConflict,
+    dumps,
+)
+from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
+from ipam_driver.blocks import AddressAllocation, AllocationBlock
+from ipam_driver.pools import (
+    ADD_POOL_HINT,
+    MAX_SUBNET_PREFIX,
+    Pool,
+    PoolSet,
+    SubnetReservation,
+    SubnetTable,
+    carve,
+    family_name,
+    grid_block,
+    make_pool,
+    parse_address,
+    parse_cidr,
+    set_flags,
+)
+
+POOLS_KEY = ROOT + "pools"
+SUBNETS_KEY = ROOT + "ipam/subnets"
+BLOCKS_PREFIX = ROOT + "ipam/blocks/"
+
+REQUEST_ADDRESS_TYPE = "RequestAddressType"
+GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
+
+KIND_GATEWAY = "gateway"
+KIND_AUX = "aux"
+KIND_CONTAINER = "container"
+
+# Above this many grid blocks in a range, list every block instead of one get per block.
+MAX_BLOCK_GETS = 16
+
+_CAS_ERRORS = (AlreadyExists, RevisionConflict)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def block_key(cidr: IPNetwork | str) -> str:
+    return BLOCKS_PREFIX + str(cidr).replace("/", "-")
+
+
+def block_cidr_from_key(key: str) -> IPNetwork:
+    name = key[len(BLOCKS_PREFIX):]
+    address, _, prefix = name.rpartition("-")
+    return IPNetwork(f"{address}/{prefix}")
+
+
+def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Report an unreachable datastore as the project's Unavailable."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except DatastoreUnavailable as exc:
+            raise Unavailable(f"IPAM datastore unavailable: {exc}") from exc
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One allocated address, for `calico-cnm ipam show`."""
+
+    address: str
+    subnet: str | None
+    handle: str | None
+    kind: str
+    block: str
+    host: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "subnet": self.subnet,
+            "handle": self.handle,
+            "kind": self.kind,
+            "block": self.block,
+            "host": self.host,
+        }
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """A pool with its use, for `calico-cnm pool show`. capacity counts every address."""
+
+    pool: Pool
+    capacity: int
+    allocated: int
+    subnets: tuple[str, ...]
+    blocks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.pool.to_dict(),
+            "capacity": self.capacity,
+            "allocated": self.allocated,
+            "subnets": list(self.subnets),
+            "blocks": self.blocks,
+        }
+
+
+@dataclass(frozen=True)
+class SubnetInfo:
+    """What the network driver needs to know about a pool id."""
+
+    pool_id: str
+    cidr: str
+    pool: str
+    sub_pool: str | None
+    gateway: str | None
+    options: dict[str, str]
+
+    @property
+    def v6(self) -> bool:
+        return IPNetwork(self.cidr).version == 6
+
+    @property
+    def prefixlen(self) -> int:
+        return IPNetwork(self.cidr).prefixlen
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pool_id": self.pool_id,
+            "cidr": self.cidr,
+            "pool": self.pool,
+            "sub_pool": self.sub_pool,
+            "gateway": self.gateway,
+            "options": dict(self.options),
+        }
+
+
+def _allocation(
+    address: IPAddress, record: AddressAllocation, block: AllocationBlock
+) -> Allocation:
+    return Allocation(
+        address=str(address),
+        subnet=record.attrs.get("subnet"),
+        handle=record.handle,
+        kind=str(record.attrs.get("kind", KIND_CONTAINER)),
+        block=str(block.cidr),
+        host=block.host,
+    )
+
+
+def _grid_blocks(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
+    """The grid blocks that hold at least one address of allowed, lazily, in order."""
+    last: IPNetwork | None = None
+    for cidr in allowed.iter_cidrs():
+        if cidr.prefixlen >= block_size:
+            block = grid_block(cidr.first, version, block_size)
+            if block != last:
+                last = block
+                yield block
+        else:
+            for block in cidr.subnet(block_size):
+                last = block
+                yield block
+
+
+class IpamService:
+    """Pools, network subnets (Docker's IPAM pools), addresses and handles.
+
+    hostname is this host's name for block affinity. Automatic network
+    subnets are /network_prefix_v4 (IPv4) or /network_prefix_v6 (IPv6), or a
+    whole pool when the pool is smaller.
+    """
+
+    def __init__(
+        self,
+        store: Datastore,
+        hostname: str,
+        network_prefix_v4: int = 24,
+        network_prefix_v6: int = 64,
+        max_attempts: int = 100,
+    ) -> None:
+        for version, prefix in ((4, network_prefix_v4), (6, network_prefix_v6)):
+            if not 1 <= prefix <= MAX_SUBNET_PREFIX[version]:
+                raise ValueError(
+                    f"invalid {family_name(version)} network prefix /{prefix}: "
+                    f"it must be between /1 and /{MAX_SUBNET_PREFIX[version]}"
+                )
+        if not hostname:
+            raise ValueError("IpamService needs a hostname for block affinity")
+        self.store = store
+        self.hostname = hostname
+        self.network_prefix = {4: network_prefix_v4, 6: network_prefix_v6}
+        self.max_attempts = max(1, max_attempts)
+
+    # ================================================================== pools
+
+    @_store_errors
+    def add_pool(
+        self,
+        cidr: str,
+        ipip: bool = False,
+        nat_outgoing: bool = False,
+        disabled: bool = False,
+        block_size: int | None = None,
+    ) -> Pool:
+        """Create a pool. InvalidRequest for a bad CIDR or block size, Conflict on overlap."""
+        pool = make_pool(cidr, ipip, nat_outgoing, disabled, block_size)
+        for _ in self._attempts(f"adding pool {pool.cidr}"):
+            entry, pools = self._read_pools()
+            pools.add(pool)
+            try:
+                self._write(POOLS_KEY, entry, pools.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return pool
+        raise AssertionError("unreachable")
+
+    @_store_errors
+    def update_pool(
+        self,
+        cidr: str,
+        ipip: bool | None = None,
+        nat_outgoing: bool | None = None,
+        disabled: bool | None = None,
+    ) -> Pool:
+        """Change a pool's flags (None keeps a flag). Disabling only stops new subnets."""
+        for _ in self._attempts(f"updating pool {cidr}"):
+            entry, pools = self._read_pools()
+            current = pools.get(cidr)
+            if current.deleting:
+                raise Conflict(f"pool {current.cidr} is being removed")
+            updated = set_flags(current, ipip, nat_outgoing, disabled)
+            if updated == current:
+                return current
+            pools.replace(updated)
+            try:
+                self._write(POOLS_KEY, entry, pools.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return updated
+        raise AssertionError("unreachable")
+
+    @_store_errors
+    def get_pools(self) -> list[Pool]:
+        """Every pool, in address order (IPv4 first); one datastore read."""
+        return list(self._read_pools()[1].pools)
+
+    @_store_errors
+    def get_pool(self, cidr: str) -> Pool:
+        return self._read_pools()[1].get(cidr)
+
+    @_store_errors
+    def ensure_default_pools(self, cidrs: Iterable[str]) -> list[Pool]:
+        """First start: create the given pools of each IP family that has no pool yet.
+
+        Returns the pools created (none when every family already had one).
+        Safe when several workers start at once: one CAS on the pools document.
+        """
+        candidates = [make_pool(cidr) for cidr in cidrs]
+        for _ in self._attempts("creating the default pools"):
+            entry, pools = self._read_pools()
+            present = {pool.version for pool in pools.pools}
+            created = [pool for pool in candidates if pool.version not in present]
+            if not created:
+                return []
+            for pool in created:
+                pools.add(pool)
+            try:
+                self._write(POOLS_KEY, entry, pools.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return created
+        raise AssertionError("unreachable")
+
+    @_store_errors
+    def remove_pool(self, cidr: str) -> None:
+        """Delete a pool. Conflict while a network subnet or an address is in it.
+
+        See the module docstring for why this cannot race with request_pool.
+        """
+        pool = self._read_pools()[1].get(cidr)
+        # Read-only check first: the usual refusal writes nothing (unless it has to
+        # clear the mark of an earlier removal that was interrupted).
+        try:
+            self._check_pool_unused(
+                pool, self._read_subnets()[1], self._blocks_in(pool.network)
+            )
+        except Conflict:
+            if pool.deleting:
+                self._set_deleting(pool.cidr, False)
+            raise
+        self._set_deleting(pool.cidr, True)
+        try:
+            for _ in self._attempts(f"removing pool {pool.cidr}"):
+                entry, table = self._read_subnets()
+                self._check_pool_unused(pool, table, [])
+                try:
+                    # Rewrite unchanged: any request_pool holding an older read now fails its CAS.
+                    self._write(SUBNETS_KEY, entry, table.to_dict())
+                except _CAS_ERRORS:
+                    continue
+                break
+            for _ in self._attempts(f"removing the blocks of pool {pool.cidr}"):
+                blocks = self._blocks_in(pool.network)
+                self._check_pool_unused(pool, SubnetTable(), blocks)
+                try:
+                    for entry, _block in blocks:
+                        self.store.delete(entry.key, entry.revision)
+                except RevisionConflict:
+                    continue
+                break
+        except Conflict:
+            self._set_deleting(pool.cidr, False)
+            raise
+        for _ in self._attempts(f"removing pool {pool.cidr}"):
+            entry, pools = self._read_pools()
+            pools.remove(pool.cidr)
+            try:
+                self._write(POOLS_KEY, entry, pools.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return
+
+    @_store_errors
+    def list_pools(self) -> list[PoolUsage]:
+        """Every pool with its capacity, allocated addresses, subnets and blocks."""
+        pools = self._read_pools()[1].pools
+        table = self._read_subnets()[1]
+        blocks = [block for _entry, block in self._all_blocks()]
+        usage = []
+        for pool in pools:
+            net = pool.network
+            inside = [b for b in blocks if b.version == net.version and b.cidr in net]
+            usage.append(
+                PoolUsage(
+                    pool=pool,
+                    capacity=net.size,
+                    allocated=sum(b.used_count for b in inside),
+                    subnets=tuple(r.cidr for r in table.overlapping(net)),
+                    blocks=len(inside),
+                )
+            )
+        return usage
+
+    # ================================================================ subnets
+
+    @_store_errors
+    def request_pool(
+        self,
+        pool: str | None,
+        sub_pool: str | None,
+        options: dict[str, str] | None,
+        v6: bool,
+    ) -> tuple[str, str, dict[str, str]]:
+        """Reserve a network subnet (Docker's RequestPool): (pool_id, subnet cidr, data).
+
+        pool is Docker's --subnet (None or "" to carve one), sub_pool its
+        --ip-range. The pool id is the subnet CIDR.
+        """
+        version = 6 if v6 else 4
+        family = family_name(version)
+        net: IPNetwork | None = None
+        if pool:
+            net = parse_cidr(pool, "subnet")
+            if net.version != version:
+                raise InvalidRequest(
+                    f"subnet {net} is {family_name(net.version)} but an {family} "
+                    "subnet was requested"
+                )
+            if net.prefixlen > MAX_SUBNET_PREFIX[version]:
+                raise InvalidRequest(
+                    f"subnet {net} is too small for a gateway and a container: use "
+                    f"/{MAX_SUBNET_PREFIX[version]} or larger"
+                )
+        range_net: IPNetwork | None = None
+        if sub_pool:
+            if net is None:
+                raise InvalidRequest(f"ip-range {sub_pool} needs an explicit subnet (--subnet)")
+            range_net = parse_cidr(sub_pool, "ip-range")
+            if range_net.version != net.version or range_net not in net:
+                raise InvalidRequest(f"ip-range {range_net} is not inside subnet {net}")
+        opts = {str(k): str(v) for k, v in (options or {}).items()}
+
+        for _ in self._attempts("reserving a network subnet"):
+            # Subnets first, then pools: see remove_pool (the order is what makes
+            # the pool's "deleting" mark visible to any reservation that can win).
+            entry, table = self._read_subnets()
+            pools = self._read_pools()[1]
+            if net is not None:
+                parent = self._parent_pool(pools, net)
+                rec = self._reservation(net, parent, range_net, opts)
+                table.add(rec)
+            else:
+                rec = self._carve(pools, table, version, opts)
+                table.add(rec)
+            try:
+                self._write(SUBNETS_KEY, entry, table.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return rec.cidr, rec.cidr, {}
+        raise AssertionError("unreachable")
+
+    @_store_errors
+    def release_pool(self, pool_id: str) -> list[str]:
+        """Drop a network subnet and free every address still allocated in it (leaks).
+
+        Returns the leaked addresses it freed. NotFound for an unknown pool id.
+        """
+        for _ in self._attempts(f"releasing network subnet {pool_id}"):
+            entry, table = self._read_subnets()
+            rec = table.remove(pool_id)
+            try:
+                self._write(SUBNETS_KEY, entry, table.to_dict())
+            except _CAS_ERRORS:
+                continue
+            break
+        freed: list[str] = []
+        for block_entry, _block in self._blocks_overlapping(rec.network, rec.block_size):
+            freed.extend(self._sweep_block(block_entry.key, rec))
+        return freed
+
+    @_store_errors
+    def get_subnet(self, pool_id: str) -> SubnetInfo:
+        """The subnet, ip-range, options and gateway (if allocated) of a pool id."""
+        rec = self._get_reservation(pool_id)
+        blocks = [b for _e, b in self._blocks_overlapping(rec.network, rec.block_size)]
+        return self._subnet_info(rec, blocks)
+
+    @_store_errors
+    def list_subnets(self) -> list[SubnetInfo]:
+        table = self._read_subnets()[1]
+        blocks = [block for _entry, block in self._all_blocks()]
+        return [self._subnet_info(rec, blocks) for rec in table.sorted()]
+
+    # ============================================================== addresses
+
+    @_store_errors
+    def request_address(
+        self, pool_id: str, address: str | None, options: dict[str, str] | None
+    ) -> str:
+        """Allocate an address in a network subnet: "a.b.c.d/<subnet prefix length>".
+
+        Options[RequestAddressType] == com.docker.network.gateway asks for the
+        gateway (address, or the subnet's first usable one). An explicit address
+        must lie inside the subnet (Conflict if taken) and is recorded as kind
+        "aux" until assign_handle() ties it to an endpoint; automatic addresses
+        come from the ip-range (else the subnet), kind "container".
+        """
+        opts = {str(k): str(v) for k, v in (options or {}).items()}
+        gateway = opts.pop(REQUEST_ADDRESS_TYPE, None) == GATEWAY_ADDRESS_TYPE
+        rec = self._get_reservation(pool_id)
+        ip: IPAddress | None = None
+        if address:
+            ip = parse_address(address)
+            self._check_usable(ip, rec)
+        elif gateway:
+            ip = rec.first_usable()
+        kind = KIND_GATEWAY if gateway else (KIND_AUX if ip is not None else KIND_CONTAINER)
+        attrs: dict[str, Any] = {
+            "kind": kind,
+            "subnet": rec.cidr,
+            "reservation": rec.id,
+            "requested_by": self.hostname,
+        }
+        if opts:
+            attrs["options"] = opts
+        if ip is not None:
+            self._allocate_specific(rec, ip, attrs)
+        else:
+            ip = self._allocate_auto(rec, attrs)
+        current = self._read_subnets()[1].get(rec.cidr)
+        if current is None or current.id != rec.id:
+            # release_pool ran meanwhile: its sweep may have missed this allocation.
+            self._release(rec, ip, only_reservation=rec.id)
+            raise NotFound(
+                f"network subnet {rec.cidr} was released while address {ip} was being "
+                "allocated"
+            )
+        return f"{ip}/{rec.network.prefixlen}"
+
+    @_store_errors
+    def release_address(self, pool_id: str, address: str) -> None:
+        """Free an address. NotFound for an unknown pool id or an address not allocated.
+
+        Docker may repeat a ReleaseAddress; the HTTP layer may treat NotFound
+        as success there.
+        """
+        rec = self._get_reservation(pool_id)
+        ip = parse_address(address)
+        if ip.version != rec.version or ip not in rec.network:
+            raise NotFound(f"address {ip} is not in subnet {rec.cidr}")
+        self._release(rec, ip)
+
+    # ================================================================ handles
+
+    @_store_errors
+    def assign_handle(self, address: str, handle: str) -> None:
+        """Tag an allocated address with its endpoint id (kind "aux" becomes "container")."""
+        ip = parse_address(address)
+        rec = self._read_subnets()[1].containing(ip)
+        if rec is None:
+            raise NotFound(f"address {ip} is not in any network subnet")
+        key = block_key(grid_block(ip, ip.version, rec.block_size))
+        for _ in self._attempts(f"tagging address {ip}"):
+            entry = self.store.get(key)
+            if entry is None:
+                raise NotFound(f"address {ip} is not allocated")
+            block = AllocationBlock.from_dict(entry.data)
+            record = block.get_or_raise(ip)
+            kind = record.attrs.get("kind")
+            new_kind = KIND_CONTAINER if kind == KIND_AUX else kind
+            if record.handle == handle and kind == new_kind:
+                return
+            record.handle = handle
+            record.attrs["kind"] = new_kind
+            try:
+                self._write_block(key, entry, block)
+            except _CAS_ERRORS:
+                continue
+            return
+
+    @_store_errors
+    def release_handle(self, handle: str) -> list[str]:
+        """Free every address tagged with handle; the addresses freed (maybe none)."""
+        freed: list[str] = []
+        for entry, block in self._all_blocks():
+            if any(record.handle == handle for _ip, record in block.allocations()):
+                freed.extend(self._release_handle_in(entry.key, handle))
+        return freed
+
+    @_store_errors
+    def list_allocations(self) -> list[Allocation]:
+        """Every allocated address, in address order (IPv4 first)."""
+        result = [
+            _allocation(ip, record, block)
+            for _entry, block in self._all_blocks()
+            for ip, record in block.allocations()
+        ]
+        result.sort(key=lambda a: (IPAddress(a.address).version, int(IPAddress(a.address))))
+        return result
+
+    # =============================================================== internal
+
+    def _attempts(self, what: str) -> Iterator[int]:
+        """Attempt numbers for a CAS retry loop, with a jittered backoff between them."""
+        for attempt in range(self.max_attempts):
+            if attempt:
+                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2 ** min(attempt, 6))))
+            yield attempt
+        raise Unavailable(
+            f"gave up {what} after {self.max_attempts} attempts: the datastore kept "
+            "changing under us (too many concurrent writers?)"
+        )
+
+    def _write(self, key: str, entry: Entry | None, data: Any) -> Entry:
+        if entry is None:
+            return self.store.create(key, dumps(data))
+        return self.store.update(key, dumps(data), entry.revision)
+
+    def _write_block(self, key: str, entry: Entry | None, block: AllocationBlock) -> None:
+        """CAS-write a block; an empty block is deleted (its affinity released)."""
+        if block.is_empty:
+            if entry is not None:
+                self.store.delete(key, entry.revision)
+            return
+        self._write(key, entry, block.to_dict())
+
+    def _read_pools(self) -> tuple[Entry | None, PoolSet]:
+        entry = self.store.get(POOLS_KEY)
+        return entry, PoolSet.from_dict(entry.data if entry else None)
+
+    def _read_subnets(self) -> tuple[Entry | None, SubnetTable]:
+        entry = self.store.get(SUBNETS_KEY)
+        return entry, SubnetTable.from_dict(entry.data if entry else None)
+
+    def _get_reservation(self, pool_id: str) -> SubnetReservation:
+        rec = self._read_subnets()[1].get(str(pool_id))
+        if rec is None:
+            raise NotFound(f"unknown IPAM pool id {pool_id!r}: no such network subnet")
+        return rec
+
+    # ------------------------------------------------------------ pool helpers
+
+    def _set_deleting(self, cidr: str, deleting: bool) -> None:
+        for _ in self._attempts(f"marking pool {cidr}"):
+            entry, pools = self._read_pools()
+            current = pools.get(cidr)
+            if current.deleting == deleting:
+                return
+            pools.replace(replace(current, deleting=deleting))
+            try:
+                self._write(POOLS_KEY, entry, pools.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return
+
+    @staticmethod
+    def _check_pool_unused(
+        pool: Pool, table: SubnetTable, blocks: list[tuple[Entry, AllocationBlock]]
+    ) -> None:
+        subnets = [rec.cidr for rec in table.overlapping(pool.network)]
+        if subnets:
+            raise Conflict(
+                f"pool {pool.cidr} is in use by network subnet(s) {', '.join(subnets)}; "
+                "remove those Docker networks first"
+            )
+        used = [str(ip) for _entry, block in blocks for ip, _record in block.allocations()]
+        if used:
+            sample = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+            raise Conflict(
+                f"pool {pool.cidr} still has {len(used)} address(es) in use ({sample}); "
+                "release them first (see `calico-cnm ipam show`)"
+            )
+
+    def _parent_pool(self, pools: PoolSet, net: IPNetwork) -> Pool:
+        holder = pools.containing(net)
+        if holder is None:
+            clash = pools.overlapping(net)
+            where = (
+                f" (it overlaps pool {', '.join(p.cidr for p in clash)} without fitting "
+                "inside it)"
+                if clash
+                else ""
+            )
+            known = ", ".join(p.cidr for p in pools.of_family(net.version)) or "none"
+            raise InvalidRequest(
+                f"subnet {net} is not inside any Calico pool{where}; add one with "
+                f"`{ADD_POOL_HINT} {net}` (existing {family_name(net.version)} pools: {known})"
+            )
+        if holder.disabled:
+            raise InvalidRequest(
+                f"subnet {net} is inside pool {holder.cidr}, which is disabled; enable it "
+                f"or add another pool with `{ADD_POOL_HINT} <cidr>`"
+            )
+        if holder.deleting:
+            raise InvalidRequest(
+                f"subnet {net} is inside pool {holder.cidr}, which is being removed; add "
+                f"another pool with `{ADD_POOL_HINT} <cidr>`"
+            )
+        return holder
+
+    def _reservation(
+        self,
+        net: IPNetwork,
+        pool: Pool,
+        sub_pool: IPNetwork | None,
+        options: dict[str, str],
+    ) -> SubnetReservation:
+        return SubnetReservation(
+            cidr=str(net),
+            pool=pool.cidr,
+            block_size=pool.block_size,
+            id=uuid.uuid4().hex,
+            sub_pool=str(sub_pool) if sub_pool is not None else None,
+            options=dict(options),
+            host=self.hostname,
+        )
+
+    def _carve(
+        self, pools: PoolSet, table: SubnetTable, version: int, options: dict[str, str]
+    ) -> SubnetReservation:
+        family = family_name(version)
+        candidates = [pool for pool in pools.of_family(version) if pool.usable]
+        if not candidates:
+            raise Exhausted(
+                f"no enabled {family} pool to take a network subnet from; add one with "
+                f"`{ADD_POOL_HINT} <cidr>` or give the network a --subnet"
+            )
+        prefix = self.network_prefix[version]
+        for pool in candidates:
+            taken = [rec.network for rec in table.overlapping(pool.network)]
+            net = carve(pool.network, taken, prefix)
+            if net is not None:
+                return self._reservation(net, pool, None, options)
+        names = ", ".join(pool.cidr for pool in candidates)
+        raise Exhausted(
+            f"no free /{prefix} network subnet left in the {family} pools {names}; remove "
+            f"unused networks or add a pool with `{ADD_POOL_HINT} <cidr>`"
+        )
+
+    def _subnet_info(self, rec: SubnetReservation, blocks: list[AllocationBlock]) -> SubnetInfo:
+        gateway = None
+        net = rec.network
+        for block in blocks:
+            if block.version != net.version or not (
+                block.cidr.first <= net.last and net.first <= block.cidr.last
+            ):
+                continue
+            for ip, record in block.allocations():
+                if (
+                    ip in net
+                    and record.attrs.get("kind") == KIND_GATEWAY
+                    and record.attrs.get("reservation") == rec.id
+                ):
+                    gateway = str(ip)
+                    break
+        return SubnetInfo(
+            pool_id=rec.cidr,
+            cidr=rec.cidr,
+            pool=rec.pool,
+            sub_pool=rec.sub_pool,
+            gateway=gateway,
+            options=dict(rec.options),
+        )
+
+    # ----------------------------------------------------------- block access
+
+    def _all_blocks(self) -> list[tuple[Entry, AllocationBlock]]:
+        return [
+            (entry, AllocationBlock.from_dict(entry.data))
+            for entry in self.store.list(BLOCKS_PREFIX)
+        ]
+
+    def _blocks_in(self, net: IPNetwork) -> list[tuple[Entry, AllocationBlock]]:
+        """Every existing block inside net (a pool)."""
+        result = []
+        for entry in self.store.list(BLOCKS_PREFIX):
+            cidr = block_cidr_from_key(entry.key)
+            if cidr.version == net.version and cidr in net:
+                result.append((entry, AllocationBlock.from_dict(entry.data)))
+        return result
+
+    def _blocks_overlapping(
+        self, scope: IPNetwork, block_size: int
+    ) -> list[tuple[Entry, AllocationBlock]]:
+        """Existing blocks of the grid that overlap scope, in address order."""
+        count = 2 ** max(0, block_size - scope.prefixlen)
+        entries: list[Entry] = []
+        if count <= MAX_BLOCK_GETS:
+            first = grid_block(scope.first, scope.version, block_size)
+            step = first.size
+            for index in range(count):
+                cidr = grid_block(first.first + index * step, scope.version, block_size)
+                entry = self.store.get(block_key(cidr))
+                if entry is not None:
+                    entries.append(entry)
+        else:
+            for entry in self.store.list(BLOCKS_PREFIX):
+                cidr = block_cidr_from_key(entry.key)
+                if (
+                    cidr.version == scope.version
+                    and cidr.first <= scope.last
+                    and scope.first <= cidr.last
+                ):
+                    entries.append(entry)
+        blocks = [(entry, AllocationBlock.from_dict(entry.data)) for entry in entries]
+        blocks.sort(key=lambda item: item[1].cidr.first)
+        return blocks
+
+    # ------------------------------------------------------ address allocation
+
+    @staticmethod
+    def _check_usable(ip: IPAddress, rec: SubnetReservation) -> None:
+        net = rec.network
+        if ip.version != net.version or ip not in net:
+            raise InvalidRequest(f"address {ip} is not inside subnet {net}")
+        if int(ip) == net.first:
+            raise InvalidRequest(f"address {ip} is the network address of subnet {net}")
+        if net.version == 4 and int(ip) == net.last:
+            raise InvalidRequest(f"address {ip} is the broadcast address of subnet {net}")
+
+    def _allocate_specific(
+        self, rec: SubnetReservation, ip: IPAddress, attrs: dict[str, Any]
+    ) -> None:
+        cidr = grid_block(ip, ip.version, rec.block_size)
+        key = block_key(cidr)
+        for _ in self._attempts(f"allocating address {ip}"):
+            entry = self.store.get(key)
+            if entry is None:
+                block = AllocationBlock(cidr, self.hostname)
+            else:
+                block = AllocationBlock.from_dict(entry.data)
+            block.allocate(ip, None, attrs)  # AddressInUse (Conflict) if taken
+            try:
+                self._write(key, entry, block.to_dict())
+            except _CAS_ERRORS:
+                continue
+            return
+
+    def _allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any]) -> IPAddress:
+        scope = rec.scope
+        reserved = IPSet([IPAddress(value, rec.version) for value in rec.reserved_addresses()])
+        allowed = IPSet([scope]) - reserved
+        for _ in self._attempts(f"allocating an address in {rec.cidr}"):
+            try:
+                return self._allocate_auto_once(rec, scope, allowed, attrs)
+            except _CAS_ERRORS:
+                continue
+        raise AssertionError("unreachable")
+
+    def _allocate_auto_once(
+        self,
+        rec: SubnetReservation,
+        scope: IPNetwork,
+        allowed: IPSet,
+        attrs: dict[str, Any],
+    ) -> IPAddress:
+        """One read-allocate-write pass; raises a CAS error when it lost a race."""
+        blocks = self._blocks_overlapping(scope, rec.block_size)
+        own = [item for item in blocks if item[1].host == self.hostname]
+        others = [item for item in blocks if item[1].host != self.hostname]
+        # 1. A block affine to this host.
+        for entry, block in own:
+            ip = block.allocate_next(allowed, (), None, attrs)
+            if ip is not None:
+                self._write(entry.key, entry, block.to_dict())
+                return ip
+        # 2. Claim the first block of the grid that nobody has yet.
+        existing = {int(block.cidr.first) for _entry, block in blocks}
+        if allowed:
+            for cidr in _grid_blocks(allowed, rec.version, rec.block_size):
+                if cidr.first in existing:
+                    continue
+                block = AllocationBlock(cidr, self.hostname)
+                ip = block.allocate_next(allowed, (), None, attrs)
+                if ip is None:  # pragma: no cover - cidr overlaps allowed by construction
+                    continue
+                self._write(block_key(cidr), None, block.to_dict())
+                return ip
+        # 3. Borrow from another host's block.
+        for entry, block in others:
+            ip = block.allocate_next(allowed, (), None, attrs)
+            if ip is not None:
+                self._write(entry.key, entry, block.to_dict())
+                return ip
+        where = f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool else (
+            f"subnet {rec.cidr}"
+        )
+        raise Exhausted(f"no free address left in {where}")
+
+    def _release(
+        self, rec: SubnetReservation, ip: IPAddress, only_reservation: str | None = None
+    ) -> None:
+        """Free ip (NotFound if it is not allocated); with only_reservation, only if
+        it still belongs to that reservation (and silently otherwise)."""
+        key = block_key(grid_block(ip, ip.version, rec.block_size))
+        for _ in self._attempts(f"releasing address {ip}"):
+            entry = self.store.get(key)
+            if entry is None:
+                if only_reservation is not None:
+                    return
+                raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
+            block = AllocationBlock.from_dict(entry.data)
+            record = block.get(ip)
+            if only_reservation is not None and (
+                record is None or record.attrs.get("reservation") != only_reservation
+            ):
+                return
+            if record is None:
+                raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
+            block.release(ip)
+            try:
+                self._write_block(key, entry, block)
+            except _CAS_ERRORS:
+                continue
+            return
+
+    def _sweep_block(self, key: str, rec: SubnetReservation) -> list[str]:
+        """Free the addresses of a released subnet left in one block.
+
+        An allocation is swept when it lies in the subnet and its reservation is
+        not live. The subnets document is read *after* the block, so an
+        allocation made for a newer reservation of the same CIDR is seen as live.
+        """
+        net = rec.network
+        for _ in self._attempts(f"releasing leaked addresses of {rec.cidr}"):
+            entry = self.store.get(key)
+            if entry is None:
+                return []
+            block = AllocationBlock.from_dict(entry.data)
+            live = {r.id for r in self._read_subnets()[1].subnets.values()}
+            freed = block.release_where(
+                lambda ip, record, live=live: ip in net
+                and record.attrs.get("reservation") not in live
+            )
+            if not freed:
+                return []
+            try:
+                self._write_block(key, entry, block)
+            except _CAS_ERRORS:
+                continue
+            return [str(ip) for ip in freed]
+        raise AssertionError("unreachable")
+
+    def _release_handle_in(self, key: str, handle: str) -> list[str]:
+        for _ in self._attempts(f"releasing handle {handle}"):
+            entry = self.store.get(key)
+            if entry is None:
+                return []
+            block = AllocationBlock.from_dict(entry.data)
+            freed = block.release_handle(handle)
+            if not freed:
+                return []
+            try:
+                self._write_block(key, entry, block)
+            except _CAS_ERRORS:
+                continue
+            return [str(ip) for ip in freed]
+        raise AssertionError("unreachable")

@@ -1,0 +1,184 @@
+"""One typed, validated Settings object: command-line flags > environment > defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+import netaddr
+
+from datastore.errors import InvalidRequest
+
+DEFAULT_SQLITE_PATH = "/var/lib/calico-cnm/state.db"
+DEFAULT_PLUGIN_DIR = "/run/docker/plugins"
+WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    hostname: str = field(default_factory=socket.gethostname)
+    sqlite_path: str = DEFAULT_SQLITE_PATH
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_ca_cert: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
+    plugin_dir: str = DEFAULT_PLUGIN_DIR
+    network_driver_name: str = "calico"
+    ipam_driver_name: str = "calico-ipam"
+    default_pools: tuple[str, ...] = ("192.168.0.0/16",)
+    network_prefix_v4: int = 24
+    network_prefix_v6: int = 64
+    workers: int = 2
+    threads: int = 8
+    resync_interval: float = 10.0
+    workload_to_host: str = "drop"
+    log_level: str = "info"
+    run_agent: bool = True
+
+    @property
+    def uses_etcd(self) -> bool:
+        return bool(self.etcd_endpoints)
+
+    @property
+    def socket_paths(self) -> tuple[str, str]:
+        return (
+            os.path.join(self.plugin_dir, f"{self.network_driver_name}.sock"),
+            os.path.join(self.plugin_dir, f"{self.ipam_driver_name}.sock"),
+        )
+
+    def validate(self) -> Settings:
+        if not _NAME.match(self.hostname):
+            raise InvalidRequest(f"hostname {self.hostname!r} is not a valid node name")
+        for name in (self.network_driver_name, self.ipam_driver_name):
+            if not _NAME.match(name):
+                raise InvalidRequest(f"driver name {name!r} is not valid")
+        for url in self.etcd_endpoints:
+            if not re.match(r"^https?://[^/\s]+(:\d+)?/?$", url):
+                raise InvalidRequest(
+                    f"etcd endpoint {url!r} is not a URL like http://127.0.0.1:2379"
+                )
+        tls = (self.etcd_cert_file, self.etcd_key_file)
+        if any(tls) and not all(tls):
+            raise InvalidRequest("--etcd-cert-file and --etcd-key-file go together")
+        for pool in self.default_pools:
+            try:
+                netaddr.IPNetwork(pool)
+            except (netaddr.AddrFormatError, ValueError) as exc:
+                raise InvalidRequest(f"default pool {pool!r} is not a valid CIDR") from exc
+        if not 8 <= self.network_prefix_v4 <= 30:
+            raise InvalidRequest("network prefix for IPv4 must be between 8 and 30")
+        if not 48 <= self.network_prefix_v6 <= 126:
+            raise InvalidRequest("network prefix for IPv6 must be between 48 and 126")
+        if self.workers < 1 or self.threads < 1:
+            raise InvalidRequest("workers and threads must be at least 1")
+        if self.resync_interval <= 0:
+            raise InvalidRequest("resync interval must be positive")
+        if self.workload_to_host not in WORKLOAD_TO_HOST_ACTIONS:
+            raise InvalidRequest(
+                f"workload-to-host action {self.workload_to_host!r} is not one of "
+                + ", ".join(WORKLOAD_TO_HOST_ACTIONS)
+            )
+        return self
+
+
+# Settings field -> environment variable. Flags use the same names with dashes.
+ENVIRONMENT = {
+    "hostname": "CALICO_CNM_HOSTNAME",
+    "sqlite_path": "CALICO_CNM_SQLITE_PATH",
+    "etcd_endpoints": "ETCD_ENDPOINTS",
+    "etcd_ca_cert": "ETCD_CA_CERT_FILE",
+    "etcd_cert_file": "ETCD_CERT_FILE",
+    "etcd_key_file": "ETCD_KEY_FILE",
+    "plugin_dir": "CALICO_CNM_PLUGIN_DIR",
+    "network_driver_name": "CALICO_CNM_NETWORK_DRIVER_NAME",
+    "ipam_driver_name": "CALICO_CNM_IPAM_DRIVER_NAME",
+    "default_pools": "CALICO_CNM_DEFAULT_POOLS",
+    "network_prefix_v4": "CALICO_CNM_NETWORK_PREFIX_V4",
+    "network_prefix_v6": "CALICO_CNM_NETWORK_PREFIX_V6",
+    "workers": "CALICO_CNM_WORKERS",
+    "threads": "CALICO_CNM_THREADS",
+    "resync_interval": "CALICO_CNM_RESYNC_INTERVAL",
+    "workload_to_host": "CALICO_CNM_WORKLOAD_TO_HOST",
+    "log_level": "CALICO_CNM_LOG_LEVEL",
+    "run_agent": "CALICO_CNM_RUN_AGENT",
+}
+
+HELP = {
+    "hostname": "this host's name in the datastore (default: the system hostname)",
+    "sqlite_path": f"embedded datastore file (default {DEFAULT_SQLITE_PATH})",
+    "etcd_endpoints": "comma-separated etcd v3 URLs; when set, all state lives in etcd",
+    "etcd_ca_cert": "CA certificate for etcd TLS",
+    "etcd_cert_file": "client certificate for etcd TLS",
+    "etcd_key_file": "client key for etcd TLS",
+    "plugin_dir": f"where the plugin sockets go (default {DEFAULT_PLUGIN_DIR})",
+    "network_driver_name": "network driver name, i.e. the socket's name (default calico)",
+    "ipam_driver_name": "IPAM driver name (default calico-ipam)",
+    "default_pools": "comma-separated pools created on first start if none exists for "
+    "that IP family ('none' for none; default 192.168.0.0/16)",
+    "network_prefix_v4": "size of an IPv4 subnet carved for a network without --subnet "
+    "(default 24)",
+    "network_prefix_v6": "size of an IPv6 subnet carved for a network without --subnet "
+    "(default 64)",
+    "workers": "gunicorn worker processes (default 2)",
+    "threads": "threads per worker (default 8)",
+    "resync_interval": "seconds between full reconciliations of the kernel (default 10)",
+    "workload_to_host": "traffic from containers to this host: drop, accept or return "
+    "(default drop)",
+    "log_level": "debug, info, warning or error (default info)",
+    "run_agent": "whether `serve` also runs the per-host agent: true or false (default "
+    "true; false when `calico-cnm agent` runs as its own service)",
+}
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name.replace('_', '-')}: {raw!r} is not a number") from exc
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise InvalidRequest(f"{name.replace('_', '-')}: {raw!r} is not true or false")
+    if kind == "tuple[str, ...]":
+        if raw.strip().lower() == "none":
+            return ()
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one optional flag per setting; unset flags stay None."""
+    group = parser.add_argument_group("settings (flags > environment > defaults)")
+    for name, env in ENVIRONMENT.items():
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, metavar=env,
+            help=HELP[name] + f" [env {env}]",
+        )
+
+
+def load(flags: Mapping[str, object] | None = None,
+         environ: Mapping[str, str] | None = None) -> Settings:
+    """Builds Settings from flags (None = unset), then the environment, then defaults."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, env in ENVIRONMENT.items():
+        raw = flags.get(name)
+        if raw is None or raw == "":
+            raw = environ.get(env)
+        if raw is None or raw == "":
+            continue  # empty means unset (a managed plugin's env has empty defaults)
+        values[name] = _convert(name, str(raw))
+    return Settings(**values).validate()  # type: ignore[arg-type]

@@ -1,0 +1,223 @@
+"""Calico networks through the real Docker CLI: subnets, addresses, routing, clean-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import netaddr
+
+from tests.e2e.conftest import (
+    IMAGE,
+    Stack,
+    docker,
+    host_links,
+    host_routes,
+    run,
+    unique,
+    wait_for,
+)
+
+# Prints the client's source address as seen by the server (busybox httpd CGI).
+WHOAMI_SERVER = (
+    "mkdir -p /www/cgi-bin && "
+    "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $REMOTE_ADDR\\n' "
+    "> /www/cgi-bin/whoami && chmod +x /www/cgi-bin/whoami && httpd -f -p 80 -h /www"
+)
+
+
+def _whoami(stack: Stack, client: str, server: str) -> str | None:
+    """The client's address as the server saw it, or None if unreachable."""
+    request = f"printf 'GET /cgi-bin/whoami HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {server} 80"
+    result = stack.exec(client, "sh", "-c", request, check=False)
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0 or not lines or not lines[0].startswith("HTTP/1"):
+        return None
+    return lines[-1].strip("[]").removeprefix("::ffff:")
+
+
+def test_network_without_subnet_gets_its_own_subnet_and_gateway(stack: Stack) -> None:
+    first = stack.network()
+    second = stack.network()
+    configs = []
+    for name in (first, second):
+        info = stack.inspect_network(name)
+        assert info["Driver"] == "calico"
+        assert info["IPAM"]["Driver"] == "calico-ipam"
+        config = info["IPAM"]["Config"][0]
+        subnet = netaddr.IPNetwork(config["Subnet"])
+        assert subnet in netaddr.IPNetwork("192.168.0.0/16")
+        assert subnet.prefixlen == 24
+        assert netaddr.IPAddress(config["Gateway"]) in subnet
+        configs.append(subnet)
+    assert configs[0] != configs[1]
+
+
+def test_containers_reach_each_other_by_address_and_name(stack: Stack) -> None:
+    bridges_before = run("ip", "-o", "link", "show", "type", "bridge").stdout
+    net = stack.network()
+    subnet = netaddr.IPNetwork(stack.inspect_network(net)["IPAM"]["Config"][0]["Subnet"])
+    a = stack.container(net)
+    b = stack.container(net)
+    address_a = stack.address(a, net)
+    address_b = stack.address(b, net)
+    assert netaddr.IPAddress(address_a) in subnet
+    assert netaddr.IPAddress(address_b) in subnet
+    assert address_a != address_b
+
+    routes = stack.exec(a, "ip", "route").stdout
+    assert "default via" in routes
+    stack.exec(a, "ping", "-c", "1", "-W", "2", address_b)
+    stack.exec(b, "ping", "-c", "1", "-W", "2", a)  # Docker's embedded DNS
+    # Host side: a host route to each container via a cali veth; no bridge added.
+    host = host_routes()
+    for address in (address_a, address_b):
+        line = next(line for line in host.splitlines() if line.startswith(address + " "))
+        assert " dev cali" in line
+    assert run("ip", "-o", "link", "show", "type", "bridge").stdout == bridges_before
+
+
+def test_explicit_subnet_ip_range_gateway_aux_and_ip(stack: Stack) -> None:
+    pool = "10.201.0.0/24"
+    stack.plugin.cli("pool", "add", pool)
+    try:
+        net = stack.network("--subnet", pool, "--ip-range", "10.201.0.128/25",
+                            "--gateway", "10.201.0.1", "--aux-address", "router=10.201.0.2")
+        config = stack.inspect_network(net)["IPAM"]["Config"][0]
+        assert config["Subnet"] == pool
+        assert config["Gateway"] == "10.201.0.1"
+        assert config["IPRange"] == "10.201.0.128/25"
+        auto = stack.container(net)
+        assert netaddr.IPAddress(stack.address(auto, net)) in netaddr.IPNetwork("10.201.0.128/25")
+        fixed = stack.container(net, "--ip", "10.201.0.77")
+        assert stack.address(fixed, net) == "10.201.0.77"
+        stack.exec(auto, "ping", "-c", "1", "-W", "2", "10.201.0.77")
+
+        # An address in use, and the aux address, are refused; nothing is left behind.
+        taken = unique("cnmc")
+        stack.containers.append(taken)
+        result = docker("run", "-d", "--name", taken, "--net", net, "--ip", "10.201.0.77",
+                        IMAGE, "sleep", "60", check=False)
+        assert result.returncode != 0
+        assert "10.201.0.77" in result.stderr and "in use" in result.stderr
+        result = docker("run", "--rm", "--net", net, "--ip", "10.201.0.2", IMAGE, "true",
+                        check=False)
+        assert result.returncode != 0 and "in use" in result.stderr
+    finally:
+        stack.cleanup()
+        stack.containers.clear()
+        stack.networks.clear()
+        stack.plugin.cli("pool", "remove", pool)
+
+
+def test_subnet_outside_every_pool_is_refused(stack: Stack) -> None:
+    name = unique("cnm")
+    result = docker("network", "create", "-d", "calico", "--ipam-driver", "calico-ipam",
+                    "--subnet", "10.209.9.0/24", name, check=False)
+    assert result.returncode != 0
+    assert "calico-cnm pool add" in result.stderr
+    assert docker("network", "inspect", name, check=False).returncode != 0
+
+
+def test_unsupported_option_is_refused(stack: Stack) -> None:
+    name = unique("cnm")
+    result = docker("network", "create", "-d", "calico", "--ipam-driver", "calico-ipam",
+                    "-o", "colour=blue", name, check=False)
+    assert result.returncode != 0
+    assert "colour" in result.stderr
+    assert docker("network", "inspect", name, check=False).returncode != 0
+
+
+def test_connect_second_network_uses_its_own_interface_and_source(stack: Stack) -> None:
+    net1 = stack.network()
+    net2 = stack.network()
+    server1 = stack.container(net1, command=("sh", "-c", WHOAMI_SERVER))
+    server2 = stack.container(net2, command=("sh", "-c", WHOAMI_SERVER))
+    client = stack.container(net1)
+    docker("network", "connect", net2, client)
+
+    client_net1 = stack.address(client, net1)
+    client_net2 = stack.address(client, net2)
+    assert netaddr.IPAddress(client_net2) in netaddr.IPNetwork(
+        stack.inspect_network(net2)["IPAM"]["Config"][0]["Subnet"])
+    for server, network, source in ((server1, net1, client_net1), (server2, net2, client_net2)):
+        address = stack.address(server, network)
+        route = stack.exec(client, "ip", "route", "get", address).stdout
+        interface = "eth0" if network == net1 else "eth1"
+        assert f"dev {interface}" in route and f"src {source}" in route
+        assert wait_for(lambda a=address: _whoami(stack, client, a) is not None)
+        assert _whoami(stack, client, address) == source
+
+    docker("network", "disconnect", net2, client)
+    assert client_net2 not in host_routes()
+    stack.exec(client, "ping", "-c", "1", "-W", "2", stack.address(server1, net1))
+
+
+def test_ipv6_containers_reach_each_other(stack: Stack) -> None:
+    pool6 = "fd10:cc:1::/48"
+    stack.plugin.cli("pool", "add", pool6)
+    try:
+        net = stack.network("--ipv6", "--subnet", "fd10:cc:1:1::/64")
+        info = stack.inspect_network(net)
+        subnets = {c["Subnet"] for c in info["IPAM"]["Config"]}
+        assert "fd10:cc:1:1::/64" in subnets
+        assert any(netaddr.IPNetwork(s).version == 4 for s in subnets)
+        a = stack.container(net)
+        b = stack.container(net)
+        address_b = stack.address(b, net, family=6)
+        assert netaddr.IPAddress(address_b) in netaddr.IPNetwork("fd10:cc:1:1::/64")
+        assert stack.address(a, net)  # both families
+        stack.exec(a, "ping", "-6", "-c", "1", "-W", "2", address_b)
+        stack.exec(b, "ping", "-c", "1", "-W", "2", stack.address(a, net))
+        assert address_b in host_routes(6)
+    finally:
+        stack.cleanup()
+        stack.containers.clear()
+        stack.networks.clear()
+        stack.plugin.cli("pool", "remove", pool6)
+
+
+def test_parallel_runs_never_share_an_address(stack: Stack) -> None:
+    net = stack.network()
+    names = [unique("cnmc") for _ in range(8)]
+    stack.containers.extend(names)
+
+    def start(name: str) -> subprocess.CompletedProcess[str]:
+        return docker("run", "-d", "--name", name, "--net", net, IMAGE, "sleep", "600",
+                      timeout=120)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(start, names))
+    addresses = [stack.address(n, net) for n in names]
+    assert len(set(addresses)) == len(addresses)
+
+
+def test_removing_everything_leaves_nothing_behind(stack: Stack) -> None:
+    links_before = set(host_links())
+    net1 = stack.network()
+    net2 = stack.network()
+    a = stack.container(net1)
+    b = stack.container(net1)
+    docker("network", "connect", net2, b)
+    addresses = [stack.address(a, net1), stack.address(b, net1), stack.address(b, net2)]
+    subnets = [stack.inspect_network(n)["IPAM"]["Config"][0]["Subnet"] for n in (net1, net2)]
+    ids = [stack.inspect_network(n)["Id"] for n in (net1, net2)]
+    assert len(set(host_links()) - links_before) == 3
+
+    docker("rm", "-f", a, b)
+    docker("network", "rm", net1, net2)
+    stack.containers.clear()
+    stack.networks.clear()
+
+    assert set(host_links()) == links_before
+    routes = host_routes()
+    assert not [a for a in addresses if a in routes]
+    allocations = json.loads(stack.plugin.cli("ipam", "show", "-o", "json").stdout)
+    left = [x for x in allocations
+            if any(netaddr.IPAddress(x["address"]) in netaddr.IPNetwork(s) for s in subnets)]
+    assert left == []
+    endpoints = json.loads(stack.plugin.cli("endpoint", "show", "-o", "json").stdout)
+    assert [e for e in endpoints if e["network_id"] in ids] == []
+    networks = json.loads(stack.plugin.cli("network", "show", "-o", "json").stdout)
+    assert [n for n in networks if n["id"] in ids] == []

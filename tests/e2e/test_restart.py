@@ -1,0 +1,96 @@
+"""The plugin stopped (cleanly or with SIGKILL) and started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.e2e.conftest import (
+    CLI,
+    Plugin,
+    Stack,
+    docker,
+    host_links,
+    host_routes,
+    post_unix,
+    run,
+    wait_for,
+)
+
+
+def test_sigint_stops_cleanly_and_restart_resumes(tmp_path: Path) -> None:
+    """A second instance on its own sockets and file: Ctrl-C, then the same state again."""
+    env = {
+        "CALICO_CNM_PLUGIN_DIR": str(tmp_path / "plugins"),
+        "CALICO_CNM_SQLITE_PATH": str(tmp_path / "state.db"),
+        "CALICO_CNM_DEFAULT_POOLS": "10.207.0.0/16",
+        # One agent per host: the main plugin's agent already owns this host's veths.
+        "CALICO_CNM_RUN_AGENT": "false",
+    }
+    server = Plugin(env, tmp_path / "plugin.log")
+    server.start()
+    for socket_path in server.sockets:
+        status, body = post_unix(socket_path, "/Plugin.Activate", b"")
+        assert status == 200
+        assert body == {"Implements": ["NetworkDriver", "IpamDriver"]}
+    status, reply = post_unix(server.sockets[1], "/IpamDriver.RequestPool",
+                              b'{"AddressSpace": "CalicoLocal", "Pool": "", "V6": false}')
+    assert status == 200, reply
+    pool_id = reply["PoolID"]
+
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGINT)
+    assert server.process.wait(timeout=20) == 0
+    assert not any(os.path.exists(s) for s in server.sockets)
+    server.process = None
+
+    server.start()
+    try:
+        # The reservation survived: the same subnet is not handed out twice.
+        status, again = post_unix(server.sockets[1], "/IpamDriver.RequestPool",
+                                  b'{"AddressSpace": "CalicoLocal", "Pool": "", "V6": false}')
+        assert status == 200 and again["Pool"] != reply["Pool"]
+        for pid in (pool_id, again["PoolID"]):
+            status, _ = post_unix(server.sockets[1], "/IpamDriver.ReleasePool",
+                                  f'{{"PoolID": "{pid}"}}'.encode())
+            assert status == 200
+    finally:
+        server.stop()
+
+
+def test_sigkill_keeps_containers_and_agent_repairs_the_host(stack: Stack) -> None:
+    plugin = stack.plugin
+    net = stack.network()
+    a = stack.container(net)
+    b = stack.container(net)
+    address_a = stack.address(a, net)
+    address_b = stack.address(b, net)
+
+    plugin.kill(signal.SIGKILL)
+    try:
+        # While the plugin is down: a route disappears and a stale veth appears.
+        run("ip", "route", "del", f"{address_b}/32")
+        run("ip", "link", "add", "calistale0001", "type", "veth", "peer", "name", "tmpstale0001")
+        stack.exec(a, "ping", "-c", "1", "-W", "2", address_a)
+    finally:
+        plugin.start()
+
+    assert wait_for(lambda: address_b in host_routes(), timeout=15)
+    assert wait_for(lambda: "calistale0001" not in host_links(), timeout=15)
+    stack.exec(a, "ping", "-c", "1", "-W", "2", address_b)
+    c = stack.container(net)
+    address_c = stack.address(c, net)
+    assert address_c not in (address_a, address_b)
+    stack.exec(c, "ping", "-c", "1", "-W", "2", address_a)
+
+
+def test_cli_reports_bad_settings() -> None:
+    result = subprocess.run(
+        [CLI, "pool", "show", "--etcd-endpoints", "not a url"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "not a url" in result.stderr
+    assert docker("info", check=False).returncode == 0
