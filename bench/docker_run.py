@@ -27,8 +27,10 @@ SOCKET = "/run/docker/plugins/calico.sock"
 
 
 def docker(*args: str) -> str:
-    return subprocess.run(["docker", *args], check=True, capture_output=True,
-                          text=True, timeout=120).stdout
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise SystemExit(f"docker {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
 
 
 def plugin_answers() -> bool:
@@ -70,17 +72,17 @@ def main() -> None:
     process = None if plugin_answers() else start_plugin(state_dir)
     suffix = uuid.uuid4().hex[:6]
     bridge, calico = f"bench-bridge-{suffix}", f"bench-calico-{suffix}"
-    docker("network", "create", "-d", "bridge", bridge)
-    docker("network", "create", "-d", "calico", "--ipam-driver", "calico-ipam", calico)
     samples: dict[str, list[float]] = {"none": [], bridge: [], calico: []}
     try:
+        docker("network", "create", "-d", "bridge", bridge)
+        docker("network", "create", "-d", "calico", "--ipam-driver", "calico-ipam", calico)
         for network in samples:  # warm-up, not counted
             time_run(args.image, network)
         for _ in range(args.runs):
             for network in samples:
                 samples[network].append(time_run(args.image, network))
     finally:
-        docker("network", "rm", bridge, calico)
+        subprocess.run(["docker", "network", "rm", bridge, calico], capture_output=True)
         if process is not None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=30)

@@ -185,9 +185,10 @@ class EtcdDatastore(Datastore):
             raise ValueError("etcd client TLS needs both cert_file and key_file")
         self._targets = [_Target(url) for url in endpoints]
         self._timeout = timeout
-        self._ca_cert = ca_cert
-        self._cert_file = cert_file
-        self._key_file = key_file
+        # Read now, so that a wrong path fails at startup rather than at first use.
+        self._ca_pem = _read(ca_cert)
+        self._cert_pem = _read(cert_file)
+        self._key_pem = _read(key_file)
         self._lock = threading.Lock()
         self._clients: list[Any | None] = [None] * len(self._targets)
         self._pid = os.getpid()
@@ -204,9 +205,9 @@ class EtcdDatastore(Datastore):
 
     def _credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
-            root_certificates=_read(self._ca_cert),
-            private_key=_read(self._key_file),
-            certificate_chain=_read(self._cert_file),
+            root_certificates=self._ca_pem,
+            private_key=self._key_pem,
+            certificate_chain=self._cert_pem,
         )
 
     def _client(self, index: int) -> Any:

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+from typing import Any
 
 from datastore.base import (
     AlreadyExists,
@@ -119,17 +120,21 @@ class SqliteDatastore(Datastore):
             conn.execute("DELETE FROM changes WHERE revision <= ?", (floor,))
             conn.execute("UPDATE meta SET value = ? WHERE name = 'compacted'", (floor,))
 
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise DatastoreUnavailable(f"sqlite datastore {self.path}: {exc}") from exc
+
     def get(self, key: str) -> Entry | None:
-        row = self._conn().execute(
-            "SELECT key, value, revision FROM kv WHERE key = ?", (key,)
-        ).fetchone()
-        return Entry(*row) if row else None
+        rows = self._read("SELECT key, value, revision FROM kv WHERE key = ?", (key,))
+        return Entry(*rows[0]) if rows else None
 
     def list(self, prefix: str) -> list[Entry]:
-        rows = self._conn().execute(
+        rows = self._read(
             "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ? ORDER BY key",
             (prefix, _prefix_upper_bound(prefix)),
-        ).fetchall()
+        )
         return [Entry(*row) for row in rows]
 
     def create(self, key: str, value: str) -> Entry:
@@ -150,22 +155,19 @@ class SqliteDatastore(Datastore):
         return bool(self._write(key, "delete", None, revision))
 
     def current_revision(self) -> int:
-        return self._conn().execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+        return self._read("SELECT value FROM meta WHERE name = 'revision'", ())[0][0]
 
     def watch(self, prefix: str, after_revision: int, timeout: float) -> list[Event]:
         deadline = time.monotonic() + timeout
-        conn = self._conn()
         while True:
-            compacted = conn.execute(
-                "SELECT value FROM meta WHERE name = 'compacted'"
-            ).fetchone()[0]
+            compacted = self._read("SELECT value FROM meta WHERE name = 'compacted'", ())[0][0]
             if after_revision < compacted:
                 raise RevisionConflict(f"revision {after_revision} has been compacted")
-            rows = conn.execute(
+            rows = self._read(
                 "SELECT kind, key, value, revision FROM changes WHERE revision > ? "
                 "AND key >= ? AND key < ? ORDER BY revision",
                 (after_revision, prefix, _prefix_upper_bound(prefix)),
-            ).fetchall()
+            )
             if rows:
                 return [Event(*row) for row in rows]
             if time.monotonic() >= deadline:

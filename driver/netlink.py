@@ -125,7 +125,7 @@ def _map_error(exc: BaseException, action: str) -> CalicoCnmError:
         return Conflict(message)
     if code in _GONE:
         return NotFound(message)
-    if code in (errno.EINVAL, errno.ERANGE, errno.EAFNOSUPPORT, errno.ENETUNREACH):
+    if code in (errno.EINVAL, errno.ERANGE, errno.EAFNOSUPPORT):
         return InvalidRequest(message)
     return Unavailable(message)
 
@@ -190,12 +190,12 @@ class Netlink:
     def close(self) -> None:
         """Release the netlink socket and the namespace handle; safe to call twice."""
         with self._lock:
-            if self._ipr is not None:
-                try:
-                    self._ipr.close()
-                finally:
-                    self._ipr = None
-            self._close_nsfd()
+            ipr, self._ipr = self._ipr, None
+            try:
+                if ipr is not None:
+                    ipr.close()
+            finally:
+                self._close_nsfd()
 
     def _close_nsfd(self) -> None:
         if self._nsfd is not None:
@@ -254,18 +254,18 @@ class Netlink:
             isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU
         ):
             raise InvalidRequest(f"MTU {mtu!r} is outside {MIN_MTU}..{MAX_MTU}")
+        spec: dict[str, Any] = {
+            "ifname": host_ifname,
+            "kind": "veth",
+            "peer": {"ifname": container_ifname},
+        }
+        if mtu is not None:
+            spec["mtu"] = mtu
+            spec["peer"]["mtu"] = mtu
         with self._lock:
-            self._delete_link_locked(host_ifname)
-            self._delete_stale_veth(container_ifname)
-            spec: dict[str, Any] = {
-                "ifname": host_ifname,
-                "kind": "veth",
-                "peer": {"ifname": container_ifname},
-            }
-            if mtu is not None:
-                spec["mtu"] = mtu
-                spec["peer"]["mtu"] = mtu
             try:
+                self._delete_link_locked(host_ifname)
+                self._delete_stale_veth(container_ifname)
                 self._rtnl().link("add", **spec)
             except NetlinkError as exc:
                 raise _map_error(

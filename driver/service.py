@@ -11,6 +11,7 @@ networks: each interface has its own connected subnet and source address.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -280,6 +281,13 @@ class NetworkService:
         except RevisionConflict:
             self._store.delete(endpoint_key(self._hostname, endpoint_id))
 
+    def _delete_link(self, ifname: str) -> None:
+        try:
+            with self._netlink_factory() as netlink:
+                netlink.delete_link(ifname)
+        except Exception:
+            log.exception("deleting %s failed; the agent will retry", ifname)
+
     def join(
         self, network_id: str, endpoint_id: str, sandbox_key: str, options: dict[str, Any]
     ) -> dict[str, Any]:
@@ -320,7 +328,13 @@ class NetworkService:
         with self._netlink_factory() as netlink:
             for address in record.addresses:
                 netlink.delete_route(address)
-            netlink.delete_link(record.host_ifname)
+        # Deleting a veth waits for the kernel's RCU grace periods (tens of ms) and
+        # `docker stop` waits for Leave: delete it in the background. The routes are
+        # gone already; DeleteEndpoint and the agent remove the link if this fails.
+        threading.Thread(
+            target=self._delete_link, args=(record.host_ifname,), daemon=True,
+            name=f"delete-{record.host_ifname}",
+        ).start()
 
         def mark_left(r: EndpointRecord) -> None:
             r.joined = False

@@ -7,11 +7,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from datastore.errors import Conflict
 from plugin.agent import Agent
 from plugin.app import build_ipam, create_app, open_datastore
 from plugin.settings import Settings
@@ -19,8 +21,22 @@ from plugin.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def _socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def prepare(settings: Settings) -> None:
     """First-start set-up: the default pools and the socket directory."""
+    for path in settings.socket_paths:
+        # gunicorn would silently replace the socket of a plugin that still runs.
+        if _socket_answers(path):
+            raise Conflict(f"another plugin is already serving on {path}")
     store = open_datastore(settings)
     try:
         build_ipam(settings, store).ensure_default_pools(list(settings.default_pools))
@@ -55,9 +71,13 @@ class PluginServer(BaseApplication):
             "graceful_timeout": 5,
             "loglevel": settings.log_level,
             "accesslog": "-" if settings.log_level == "debug" else None,
+            "access_log_format": '"%(r)s" %(s)s %(D)sus',
             "when_ready": self._start_agent,
             "on_exit": self._stop_agent,
         }
+        if "control_socket_disable" in self.cfg.settings:
+            # gunicorn >= 25 opens a control socket in $HOME by default; not needed here.
+            options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
 

@@ -27,8 +27,7 @@ from datastore.etcd import EtcdDatastore
 from datastore.sqlite import SqliteDatastore
 from tests.conftest import EtcdServer
 from tests.contract._workers import increment, increment_sqlite
-
-from .conftest import Backend
+from tests.contract.conftest import Backend
 
 
 def collect(

@@ -18,6 +18,7 @@ from tests.e2e.conftest import (
     host_routes,
     run,
     unique,
+    wait_for,
 )
 
 
@@ -105,7 +106,7 @@ def test_compose_stack_by_service_name_and_down_leaves_nothing(stack: Stack,
         assert len(set(host_links()) - links_before) == 2
     finally:
         run(*base, "down", timeout=180)
-    assert set(host_links()) == links_before
+    assert wait_for(lambda: set(host_links()) == links_before, timeout=5)
     assert "10.210.0.50" not in host_routes()
     assert docker("network", "inspect", f"{project}_app", check=False).returncode != 0
     allocations = json.loads(stack.plugin.cli("ipam", "show", "-o", "json").stdout)

@@ -210,7 +210,8 @@ def test_removing_everything_leaves_nothing_behind(stack: Stack) -> None:
     stack.containers.clear()
     stack.networks.clear()
 
-    assert set(host_links()) == links_before
+    # Leave deletes the veth in the background (see NetworkService.leave).
+    assert wait_for(lambda: set(host_links()) == links_before, timeout=5)
     routes = host_routes()
     assert not [a for a in addresses if a in routes]
     allocations = json.loads(stack.plugin.cli("ipam", "show", "-o", "json").stdout)

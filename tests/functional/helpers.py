@@ -27,7 +27,8 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from driver.netlink import Netlink
 
@@ -274,10 +275,11 @@ class Network:
         IPv4 needs none: proxy ARP answers for peers in the connected subnet. IPv6 has
         no wildcard proxy NDP, so peers are reached through the two halves of the
         subnet via the gateway (more specific than the connected /64). The gateway
-        itself must be reachable by a *connected* /128 (RouteType 1), listed first:
-        otherwise the half containing the gateway makes the kernel reject the other
-        half (EHOSTUNREACH, "gateway resolves via a gateway") and makes dockerd's
-        programGateway fail ("direct route for the gateway could not be found").
+        itself needs a *connected* /128 (RouteType 1): without it the half containing
+        the gateway makes the kernel reject the other half (EHOSTUNREACH: the next hop
+        resolves through a next hop) and makes dockerd's programGateway fail ("direct
+        route for the gateway could not be found"). dockerd installs connected routes
+        with the interface, before any next-hop route, so the list order is free.
         """
         if not self.subnet6:
             return []
@@ -299,7 +301,6 @@ class Endpoint:
     ip4: str
     ip6: str | None
     network: Network
-    extra: dict = field(default_factory=dict)
 
 
 def _check_route_conflict(ns: str, address: str) -> None:
@@ -374,8 +375,12 @@ class Dataplane:
         ip6: str | None = None,
         container_ifname: str = "eth0",
         default_gateway: bool = True,
+        before_join: Callable[[str], object] | None = None,
     ) -> Endpoint:
-        """CreateEndpoint + Join (driver side), then dockerd's side of the Join."""
+        """CreateEndpoint + Join (driver side), then dockerd's side of the Join.
+
+        ``before_join(host_ifname)`` runs between the two, to tamper with the host end.
+        """
         ns = self.workload(workload)
         endpoint_id = secrets.token_hex(16)
         host_ifname, tmp_ifname = "cali" + endpoint_id[:11], "tmp" + endpoint_id[:11]
@@ -384,6 +389,8 @@ class Dataplane:
         self.nl.add_route(ip4, host_ifname)
         if ip6:
             self.nl.add_route(ip6, host_ifname)
+        if before_join:
+            before_join(host_ifname)
         docker_join(
             self.host,
             ns,

@@ -61,6 +61,15 @@ def test_first_ipv6_packet_to_a_new_endpoint_is_not_delayed(dataplane: Dataplane
     assert ping(a.workload, b.ip6, wait=3)
     assert time.monotonic() - started < 0.6
 
+    # Control: the same with the kernel's default accept_dad=1 on the host end.
+    def default_dad(host_ifname: str) -> None:
+        in_ns(dataplane.host, "sysctl", "-qw", f"net.ipv6.conf.{host_ifname}.accept_dad=1")
+
+    c = dataplane.add_endpoint("c", NET1, "10.201.0.7", "fd00:98::7", before_join=default_dad)
+    started = time.monotonic()
+    ping(a.workload, c.ip6, wait=4)
+    assert time.monotonic() - started > 0.8
+
 
 def test_workload_in_two_networks_uses_each_network_interface_and_source(
     dataplane: Dataplane,

@@ -5,6 +5,7 @@ iproute2 and /proc, independently of the module under test."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -38,10 +39,10 @@ def addresses(ns: str, ifname: str) -> list[tuple[str, int, list[str]]]:
 
 
 def add_non_veth(ns: str, ifname: str) -> None:
-    for kind in ("dummy", "bridge", "ifb"):
+    for kind in ("bridge", "dummy"):
         if ip(ns, "link", "add", ifname, "type", kind, check=False).returncode == 0:
             return
-    pytest.skip("no dummy, bridge or ifb link type in this kernel")
+    pytest.skip("no bridge or dummy link type in this kernel")
 
 
 def test_create_veth_and_configure_host_end(nl: Netlink, host: str) -> None:
@@ -83,6 +84,26 @@ def test_sysctls_are_written_inside_the_namespace_only(lab: Lab) -> None:
         nl.enable_forwarding()
     assert read_sysctl(inside, "net.ipv6.conf.all.forwarding") == "1"
     assert read_sysctl(outside, "net.ipv6.conf.all.forwarding") == before == "0"
+
+
+def test_current_namespace_mode_writes_proc_sys_directly(lab: Lab) -> None:
+    """Netlink() without netns works on the namespace the process is in (run here in
+    a child process placed inside a throwaway namespace)."""
+    ns = lab.netns("self")
+    script = (
+        "from driver.netlink import Netlink\n"
+        "with Netlink() as nl:\n"
+        "    nl.enable_forwarding()\n"
+        f"    nl.create_veth('{HOST_IF}', '{TMP_IF}')\n"
+        f"    nl.configure_host_end('{HOST_IF}', ['10.201.0.1', 'fd00:98::1'])\n"
+        f"    nl.add_route('10.201.0.5', '{HOST_IF}')\n"
+        "    print(sorted(nl.list_host_routes().items()), nl.global_rp_filter())\n"
+    )
+    out = in_ns(ns, sys.executable, "-c", script).stdout.strip()
+    assert out == f"[('10.201.0.5', '{HOST_IF}')] 0"
+    assert read_sysctl(ns, f"net.ipv4.conf.{HOST_IF}.proxy_arp") == "1"
+    assert read_sysctl(ns, f"net.ipv6.conf.{HOST_IF}.accept_dad") == "0"
+    assert read_sysctl(ns, "net.ipv6.conf.all.forwarding") == "1"
 
 
 def test_configure_host_end_is_idempotent_and_converges(nl: Netlink, host: str) -> None:

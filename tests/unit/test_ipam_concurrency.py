@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import threading
 from collections import Counter
 
@@ -60,8 +61,6 @@ def _check(path: str, results: list[tuple[str, list[str]]], expected: int) -> No
 
 
 def test_threads_never_get_a_duplicate(db_path):
-    import queue
-
     workers = 8
     barrier = threading.Barrier(workers)
     results: queue.Queue = queue.Queue()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from netaddr import IPNetwork
 
-from datastore.base import ROOT, dumps
-from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from datastore.base import ROOT, DatastoreUnavailable, RevisionConflict, dumps
+from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
 from datastore.sqlite import SqliteDatastore
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.service import (
@@ -462,3 +462,39 @@ def test_list_subnets(ipam):
     ]
     assert not infos[0].v6
     assert infos[0].prefixlen == 24
+
+
+# ---------------------------------------------------------------------- faults
+
+
+def test_endless_conflicts_give_unavailable_and_change_nothing(store):
+    ipam = IpamService(store, "host-a", max_attempts=3)
+    ipam.add_pool("10.201.0.0/16")
+    pool_id, _cidr, _ = ipam.request_pool("10.201.0.0/24", None, {}, False)
+    ipam.request_address(pool_id, None, GATEWAY)
+    before = snapshot(store)
+
+    def always_conflicting(key, value, revision):
+        raise RevisionConflict(key)
+
+    store.update = always_conflicting
+    try:
+        with pytest.raises(Unavailable, match="after 3 attempts"):
+            ipam.request_address(pool_id, None, {})
+        with pytest.raises(Unavailable):
+            ipam.request_pool(None, None, {}, False)
+    finally:
+        del store.update
+    assert snapshot(store) == before
+
+
+def test_unreachable_store_is_reported_as_unavailable(ipam, store):
+    def down(key):
+        raise DatastoreUnavailable("connection refused")
+
+    store.get = down
+    try:
+        with pytest.raises(Unavailable, match="connection refused"):
+            ipam.request_pool(None, None, {}, False)
+    finally:
+        del store.get
