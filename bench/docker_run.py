@@ -3,7 +3,7 @@ bridge driver? Runs `docker run --rm IMAGE true` interleaved on --net none, a
 user-defined bridge network and a calico network, and reports medians and the
 ratio (calico - none) / (bridge - none). Target: at most 1.0.
 
-Usage: .venv/bin/python bench/docker_run.py [--runs 20] [--image calico-cnm-test:latest]
+Usage: .venv/bin/python bench/docker_run.py [--runs 20] [--image calico-cnm-test:2]
 Starts its own `calico-cnm serve` (temporary SQLite file) unless one already
 answers on /run/docker/plugins/calico.sock.
 """
@@ -65,7 +65,7 @@ def time_run(image: str, network: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--image", default="calico-cnm-test:latest")
+    parser.add_argument("--image", default="calico-cnm-test:2")
     args = parser.parse_args()
 
     state_dir = tempfile.mkdtemp(prefix="calico-cnm-bench-")

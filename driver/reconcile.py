@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 from datastore.base import Datastore
+from datastore.errors import NotFound
 from driver.netlink import Netlink
 from driver.records import (
     ENDPOINTS,
@@ -42,38 +43,41 @@ def reconcile_routes(store: Datastore, hostname: str, netlink: Netlink) -> Recon
     routes = netlink.list_host_routes(HOST_IFNAME_PREFIX)
     records = [EndpointRecord.from_dict(e.data) for e in store.list(f"{ENDPOINTS}{hostname}/")]
 
-    owned = {r.host_ifname for r in records}
+    # A "left" endpoint's veth is being deleted; a "created" one may be mid-Join:
+    # its routes are neither restored nor removed.
+    live = [r for r in records if r.state != "left"]
+    owned = {r.host_ifname for r in live}
     for ifname in sorted(links - owned):
-        log.info("removing %s: no endpoint owns it", ifname)
+        log.info("removing %s: no live endpoint owns it", ifname)
         netlink.delete_link(ifname)
         report.links_removed.append(ifname)
 
-    wanted: dict[str, str] = {}
-    for record in records:
-        if record.host_ifname in links:
-            for address in record.addresses:
-                wanted[address] = record.host_ifname
+    kept = {(address, r.host_ifname) for r in live for address in r.addresses}
     for address, ifname in sorted(routes.items()):
-        if wanted.get(address) != ifname and ifname not in report.links_removed:
+        if (address, ifname) not in kept and ifname not in report.links_removed:
             log.info("removing route %s dev %s: no endpoint has it", address, ifname)
             netlink.delete_route(address)
             report.routes_removed.append(address)
 
     networks: dict[str, NetworkRecord | None] = {}
-    for record in records:
+    for record in live:
         missing = [a for a in record.addresses
-                   if record.host_ifname in links and routes.get(a) != record.host_ifname]
+                   if record.joined and record.host_ifname in links
+                   and routes.get(a) != record.host_ifname]
         if not missing:
             continue
         if record.network_id not in networks:
             entry = store.get(network_key(record.network_id))
             networks[record.network_id] = NetworkRecord.from_dict(entry.data) if entry else None
         network = networks[record.network_id]
-        if network is not None:
-            gateways = [s.gateway for s in (network.ipv4, network.ipv6) if s and s.gateway]
-            netlink.configure_host_end(record.host_ifname, gateways)
-        for address in missing:
-            log.info("restoring route %s dev %s", address, record.host_ifname)
-            netlink.add_route(address, record.host_ifname)
-            report.routes_added.append(address)
+        try:
+            if network is not None:
+                gateways = [s.gateway for s in (network.ipv4, network.ipv6) if s and s.gateway]
+                netlink.configure_host_end(record.host_ifname, gateways)
+            for address in missing:
+                netlink.add_route(address, record.host_ifname)
+        except NotFound:
+            continue  # the veth went away meanwhile: nothing to restore
+        log.info("restored route(s) %s dev %s", ", ".join(missing), record.host_ifname)
+        report.routes_added.extend(missing)
     return report

@@ -47,9 +47,13 @@ class NetworkRecord:
     ipv4: Subnet | None
     ipv6: Subnet | None
     mtu: int | None = None
+    # The profiles its endpoints carry, in order: `-o profile=...`, else (once the
+    # name is known) the default profile named after the network.
     profiles: list[str] = field(default_factory=list)
     internal: bool = False
     options: dict[str, str] = field(default_factory=dict)
+    # Docker's name for it: not in any request; looked up from the Docker API.
+    name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +68,7 @@ class NetworkRecord:
             profiles=list(data.get("profiles", [])),
             internal=bool(data.get("internal", False)),
             options=dict(data.get("options", {})),
+            name=str(data.get("name", "")),
         )
 
 
@@ -83,7 +88,8 @@ class EndpointRecord:
     ipv4: str | None  # address with the subnet's prefix, e.g. "10.201.0.5/24"
     ipv6: str | None
     mac: str = ""
-    joined: bool = False
+    # "created" (CreateEndpoint; Join may be under way), "joined", "left" (Leave).
+    state: str = "created"
     profiles: list[str] = field(default_factory=list)
     ports: list[PortMapping] = field(default_factory=list)
 
@@ -94,6 +100,10 @@ class EndpointRecord:
     @property
     def container_ifname(self) -> str:
         return container_ifname(self.id)
+
+    @property
+    def joined(self) -> bool:
+        return self.state == "joined"
 
     @property
     def addresses(self) -> list[str]:

@@ -31,6 +31,8 @@ from driver.records import (
     network_key,
 )
 from ipam_driver.service import IpamService
+from profiles.model import Profile
+from profiles.store import ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +121,14 @@ class NetworkService:
         ipam: IpamService,
         hostname: str,
         netlink_factory: Callable[[], Netlink] = Netlink,
+        name_lookup: Callable[[str], str | None] | None = None,
     ) -> None:
         self._store = store
         self._ipam = ipam
         self._hostname = hostname
         self._netlink_factory = netlink_factory
+        self._name_lookup = name_lookup
+        self._profiles = ProfileStore(store)
 
     # Networks
 
@@ -152,6 +157,14 @@ class NetworkService:
             if not 576 <= mtu <= 65535:
                 raise InvalidRequest(f"mtu {mtu} is out of range (576 to 65535)")
         profiles = [p.strip() for p in str(generic.get("profile", "")).split(",") if p.strip()]
+        for name in profiles:
+            try:
+                self._profiles.get(name)
+            except NotFound:
+                raise InvalidRequest(
+                    f"profile {name!r} does not exist; create it first with "
+                    f"`calico-cnm profile add {name}`"
+                ) from None
         ipv4 = _parse_subnet(ipv4_data, 4)
         ipv6 = _parse_subnet(ipv6_data, 6)
         if ipv4 is None and ipv6 is None:
@@ -170,6 +183,47 @@ class NetworkService:
                     f"network {network_id} already exists with other settings"
                 ) from None
         return record
+
+    def resolve_network(self, network_id: str) -> NetworkRecord:
+        """Learns the network's Docker name and, unless `-o profile` named profiles,
+        gives it the default profile of that name (created if missing, else reused).
+
+        Without a name lookup, or while Docker does not answer, the network stays
+        unresolved and its endpoints carry no profile: they fail closed.
+        """
+        for _ in range(CAS_RETRIES):
+            entry = self._store.get(network_key(network_id))
+            if entry is None:
+                raise NotFound(f"network {network_id} is not a calico network")
+            record = NetworkRecord.from_dict(entry.data)
+            if record.name or self._name_lookup is None:
+                return record
+            name = self._name_lookup(network_id)
+            if name is None:
+                return record
+            record.name = name
+            if not record.profiles:
+                self._profiles.ensure(Profile.network_default(name))
+                record.profiles = [name]
+            try:
+                self._store.update(network_key(network_id), dumps(record.to_dict()),
+                                   entry.revision)
+                log.info("network %s is %r with profiles %s", network_id[:12], name,
+                         ", ".join(record.profiles))
+                return record
+            except RevisionConflict:
+                continue
+        raise Conflict(f"network {network_id} is being changed concurrently; retry")
+
+    def resolve_pending_networks(self) -> list[NetworkRecord]:
+        """Resolves every network whose name is still unknown; returns those resolved."""
+        resolved = []
+        for network in self.list_networks():
+            if not network.name:
+                record = self.resolve_network(network.id)
+                if record.name:
+                    resolved.append(record)
+        return resolved
 
     def get_network(self, network_id: str) -> NetworkRecord:
         entry = self._store.get(network_key(network_id))
@@ -227,14 +281,20 @@ class NetworkService:
         options: dict[str, Any],
     ) -> dict[str, Any]:
         network = self.get_network(network_id)
+        if not network.name:
+            # Docker knows the network by now; the agent retries if it does not answer.
+            network = self.resolve_network(network_id)
         ipv4 = self._check_address(interface.get("Address"), network.ipv4, "IPv4")
         ipv6 = self._check_address(interface.get("AddressIPv6"), network.ipv6, "IPv6")
         if ipv4 is None and ipv6 is None:
             raise InvalidRequest(f"endpoint {endpoint_id} has no address")
+        # Port mappings are checked now but programmed only once Docker makes this the
+        # container's external endpoint (ProgramExternalConnectivity).
+        _parse_ports(options)
         record = EndpointRecord(
             id=endpoint_id, network_id=network_id, hostname=self._hostname,
             ipv4=ipv4, ipv6=ipv6, mac=str(interface.get("MacAddress") or ""),
-            profiles=list(network.profiles), ports=_parse_ports(options),
+            profiles=list(network.profiles),
         )
         try:
             self._store.create(endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()))
@@ -305,7 +365,7 @@ class NetworkService:
                 raise
 
         def mark_joined(r: EndpointRecord) -> None:
-            r.joined = True
+            r.state = "joined"
 
         self._update_endpoint(network_id, endpoint_id, mark_joined)
         reply: dict[str, Any] = {
@@ -324,7 +384,11 @@ class NetworkService:
         return reply
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
-        record, _ = self._endpoint(network_id, endpoint_id)
+        # Marked first, so that the agent never restores what is being torn down.
+        def mark_left(r: EndpointRecord) -> None:
+            r.state = "left"
+
+        record = self._update_endpoint(network_id, endpoint_id, mark_left)
         with self._netlink_factory() as netlink:
             for address in record.addresses:
                 netlink.delete_route(address)
@@ -335,11 +399,6 @@ class NetworkService:
             target=self._delete_link, args=(record.host_ifname,), daemon=True,
             name=f"delete-{record.host_ifname}",
         ).start()
-
-        def mark_left(r: EndpointRecord) -> None:
-            r.joined = False
-
-        self._update_endpoint(network_id, endpoint_id, mark_left)
 
     def program_external_connectivity(
         self, network_id: str, endpoint_id: str, options: dict[str, Any]

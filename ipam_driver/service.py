@@ -312,13 +312,16 @@ class IpamService:
         return self._read_pools()[1].get(cidr)
 
     @_store_errors
-    def ensure_default_pools(self, cidrs: Iterable[str]) -> list[Pool]:
+    def ensure_default_pools(self, cidrs: Iterable[str], nat_outgoing: bool = True
+                             ) -> list[Pool]:
         """First start: create the given pools of each IP family that has no pool yet.
 
+        Default pools masquerade traffic leaving them (as Calico's default pool does),
+        so containers reach the outside world out of the box.
         Returns the pools created (none when every family already had one).
         Safe when several workers start at once: one CAS on the pools document.
         """
-        candidates = [make_pool(cidr) for cidr in cidrs]
+        candidates = [make_pool(cidr, nat_outgoing=nat_outgoing) for cidr in cidrs]
         for _ in self._attempts("creating the default pools"):
             entry, pools = self._read_pools()
             present = {pool.version for pool in pools.pools}

@@ -1,8 +1,12 @@
 """The per-host agent: reconciles this host's kernel to the datastore.
 
-It reconciles at start, whenever an endpoint record of this host changes (a
-datastore watch) and every resync interval, so that a plugin restart, a route
-deleted by hand or a veth left behind by a crash all converge.
+One agent per host. It watches the datastore and, on every relevant change,
+recompiles policy and rewrites only the chains and sets that changed; when this
+host's endpoints change it also converges routes and veths. Every resync
+interval it does all of it from scratch (routes, every chain and set, the hooks
+at the top of FORWARD/INPUT/nat), so a plugin restart, a route deleted by hand,
+a veth left behind by a crash, Docker rewriting FORWARD or someone flushing our
+chains all converge within one interval.
 """
 
 from __future__ import annotations
@@ -11,53 +15,86 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
-from datastore.base import Datastore, DatastoreError, RevisionConflict
+from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
 from driver.netlink import Netlink
 from driver.reconcile import reconcile_routes
-from driver.records import ENDPOINTS
+from driver.records import ENDPOINTS, NETWORKS
+from driver.service import NetworkService
+from plugin.app import build_ipam, build_network_service
+from plugin.policy import compile_host_policy
 from plugin.settings import Settings
-from profiles.iptables import Iptables
+from profiles.iptables import PolicyWriter
 
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 1.0
-FORWARD_CHAIN = "cali-FORWARD"
-# Until profiles are enforced, workload traffic is forwarded ahead of Docker's
-# FORWARD rules (Docker sets the FORWARD policy to DROP).
-FORWARD_RULES = ["-i cali+ -j ACCEPT", "-o cali+ -j ACCEPT"]
+# Keys whose changes can change policy; IPAM blocks change on every allocation
+# and never do.
+POLICY_PREFIXES = (ENDPOINTS, NETWORKS, ROOT + "profiles/", ROOT + "pools")
 
 
 class Agent:
-    def __init__(self, settings: Settings, store: Datastore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Datastore,
+        writer: PolicyWriter | None = None,
+        netlink_factory: Callable[[], Netlink] = Netlink,
+        name_lookup: Callable[[str], str | None] | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._writer = writer or PolicyWriter()
+        self._netlink_factory = netlink_factory
+        self._networks: NetworkService = build_network_service(
+            settings, store, build_ipam(settings, store), netlink_factory, name_lookup
+        )
         self._stop = threading.Event()
+        self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
 
     def stop(self) -> None:
         self._stop.set()
 
-    def program_forwarding(self) -> None:
-        for family in (4, 6):
-            iptables = Iptables(family)
-            iptables.restore("filter", {FORWARD_CHAIN: FORWARD_RULES})
-            if iptables.ensure_hooks("filter", [("FORWARD", f"-j {FORWARD_CHAIN}")]):
-                log.info("restored the FORWARD hook (IPv%d)", family)
-
-    def reconcile(self) -> None:
-        self.program_forwarding()
-        with Netlink() as netlink:
+    def reconcile_routes(self) -> None:
+        with self._netlink_factory() as netlink:
             report = reconcile_routes(self._store, self._settings.hostname, netlink)
         if report.changed:
             log.info(
-                "reconciled: %d route(s) restored, %d route(s) and %d link(s) removed",
+                "routes: %d restored, %d removed; %d stale veth(s) removed",
                 len(report.routes_added), len(report.routes_removed), len(report.links_removed),
             )
 
+    def program_policy(self, full: bool) -> None:
+        started = time.monotonic()
+        policy = compile_host_policy(self._store, self._settings)
+        report = self._writer.resync(policy) if full else self._writer.apply(policy)
+        for warning in policy.warnings:
+            log.warning("policy: %s", warning)
+        log.debug("policy %s in %.1f ms: %s", "resync" if full else "update",
+                  (time.monotonic() - started) * 1000, report)
+
+    def resync(self) -> None:
+        self._networks.resolve_pending_networks()
+        self.reconcile_routes()
+        self.program_policy(full=True)
+
+    def handle(self, events: list[Event]) -> None:
+        keys = [event.key for event in events]
+        if any(k.startswith(NETWORKS) for k in keys):
+            self._networks.resolve_pending_networks()
+        if any(k.startswith(self._local_endpoints) for k in keys):
+            self.reconcile_routes()
+        if any(k.startswith(POLICY_PREFIXES) for k in keys):
+            self.program_policy(full=False)
+
     def run(self, parent_pid: int | None = None) -> None:
-        with Netlink() as netlink:
+        with self._netlink_factory() as netlink:
             netlink.enable_forwarding()
-        prefix = f"{ENDPOINTS}{self._settings.hostname}/"
+            if netlink.global_rp_filter() == 2:
+                log.warning("net.ipv4.conf.all.rp_filter is 2 (loose): containers can "
+                            "spoof addresses the host routes; set it to 0 or 1")
         revision = self._store.current_revision()
         next_resync = 0.0
         while not self._stop.is_set():
@@ -67,19 +104,24 @@ class Agent:
             try:
                 if time.monotonic() >= next_resync:
                     revision = self._store.current_revision()
-                    self.reconcile()
+                    self.resync()
                     next_resync = time.monotonic() + self._settings.resync_interval
                 try:
-                    events = self._store.watch(prefix, revision, WATCH_TIMEOUT)
+                    events = self._store.watch(ROOT, revision, WATCH_TIMEOUT)
                 except RevisionConflict:
-                    next_resync = 0.0
+                    next_resync = 0.0  # history compacted: start over
                     continue
                 if events:
                     revision = events[-1].revision
-                    self.reconcile()
+                    self.handle(events)
             except DatastoreError as exc:
                 log.error("agent: datastore error, retrying: %s", exc)
                 self._stop.wait(1.0)
             except Exception:
-                log.exception("agent: reconcile failed, retrying")
+                log.exception("agent: reconcile failed; full resync next")
+                next_resync = 0.0
                 self._stop.wait(1.0)
+
+    def uninstall(self) -> None:
+        """Removes every chain, set and hook of ours (the agent is not running)."""
+        self._writer.remove_all()

@@ -18,6 +18,7 @@ from driver.netlink import Netlink
 from driver.service import NetworkService
 from ipam_driver.http import ipam_blueprint
 from ipam_driver.service import IpamService
+from plugin.docker_names import DockerNames
 from plugin.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,19 @@ def build_ipam(settings: Settings, store: Datastore) -> IpamService:
     )
 
 
+def build_network_service(
+    settings: Settings,
+    store: Datastore,
+    ipam: IpamService,
+    netlink_factory: Callable[[], Netlink] | None = None,
+    name_lookup: Callable[[str], str | None] | None = None,
+) -> NetworkService:
+    return NetworkService(
+        store, ipam, settings.hostname, netlink_factory or Netlink,
+        name_lookup or DockerNames().network_name,
+    )
+
+
 def _error_reply(message: str, status: int) -> ResponseReturnValue:
     # Network replies are read from "Err", IPAM replies from "Error": send both.
     return jsonify({"Err": message, "Error": message}), status
@@ -54,6 +68,7 @@ def create_app(
     settings: Settings,
     store: Datastore | None = None,
     netlink_factory: Callable[[], Netlink] | None = None,
+    name_lookup: Callable[[str], str | None] | None = None,
 ) -> Flask:
     app = Flask("calico_cnm")
     store = store or open_datastore(settings)
@@ -61,8 +76,8 @@ def create_app(
     app.extensions["calico_cnm.settings"] = settings
     app.extensions["calico_cnm.store"] = store
     app.extensions["calico_cnm.ipam"] = ipam
-    app.extensions["calico_cnm.network"] = NetworkService(
-        store, ipam, settings.hostname, netlink_factory or Netlink
+    app.extensions["calico_cnm.network"] = build_network_service(
+        settings, store, ipam, netlink_factory, name_lookup
     )
     app.register_blueprint(network_blueprint)
     app.register_blueprint(ipam_blueprint)

@@ -16,6 +16,7 @@ from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from plugin import settings as settings_module
 from plugin.app import build_ipam, open_datastore
+from plugin.profile_cli import add_profile_commands, profile_argv
 from plugin.settings import Settings
 
 
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_show = endpoint_commands.add_parser("show", parents=[common])
     _output_flag(endpoint_show)
     endpoint_show.set_defaults(handler=cmd_endpoint_show)
+
+    add_profile_commands(commands, common)
     return parser
 
 
@@ -184,7 +187,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(profile_argv(argv))
     try:
         settings = _settings_from(args)
         logging.basicConfig(level=settings.log_level.upper(),

@@ -4,10 +4,10 @@ with the per-host agent beside it in a child process."""
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from flask import Flask
@@ -46,8 +46,9 @@ def prepare(settings: Settings) -> None:
 
 
 def _run_agent(settings: Settings, parent_pid: int) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s agent %(levelname)s %(message)s")
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
+                signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)  # forget gunicorn's master handlers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us with SIGTERM
     agent = Agent(settings, open_datastore(settings))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -57,7 +58,7 @@ def _run_agent(settings: Settings, parent_pid: int) -> None:
 class PluginServer(BaseApplication):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._agent: multiprocessing.Process | None = None
+        self._agent_pid: int | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -89,16 +90,33 @@ class PluginServer(BaseApplication):
         log.info("plugin serving on %s", ", ".join(self._settings.socket_paths))
         if not self._settings.run_agent:
             return
-        context = multiprocessing.get_context("fork")
-        self._agent = context.Process(
-            target=_run_agent, args=(self._settings, os.getpid()), name="calico-cnm-agent"
-        )
-        self._agent.start()
+        # A plain fork (not multiprocessing, whose exit hooks the workers would
+        # inherit): the agent exits by itself when this master process is gone.
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _run_agent(self._settings, parent)
+            except BaseException:
+                log.exception("agent failed")
+                code = 1
+            finally:
+                os._exit(code)
+        self._agent_pid = pid
 
     def _stop_agent(self, _arbiter: object) -> None:
-        if self._agent is not None and self._agent.is_alive():
-            self._agent.terminate()
-            self._agent.join(5)
+        if self._agent_pid is not None:
+            try:
+                os.kill(self._agent_pid, signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    if os.waitpid(self._agent_pid, os.WNOHANG) != (0, 0):
+                        break
+                    time.sleep(0.05)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self._agent_pid = None
         for path in self._settings.socket_paths:
             if os.path.exists(path):
                 os.unlink(path)

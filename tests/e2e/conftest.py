@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).with_name("calico-cnm"))
-IMAGE = "calico-cnm-test:latest"
+IMAGE = "calico-cnm-test:2"
 PLUGIN_DIR = "/run/docker/plugins"
 STATE_DIR = Path("/var/lib/calico-cnm-e2e")
 

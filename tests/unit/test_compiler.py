@@ -45,6 +45,7 @@ from profiles.compiler import (
     fail_closed_chains,
     plan_restore,
     profile_chain_names,
+    profile_list_chain_name,
     render_endpoint_chains,
     render_ipset_destroy,
     render_ipset_restore,
@@ -517,9 +518,10 @@ def test_default_network_profile_text():
     assert state.filter["cali-pi-web"] == ["-m set --match-set cali4-t-web src -g cali-allow"]
     assert state.filter["cali-po-web"] == ["-g cali-allow"]
     assert state.filter[ALLOW_CHAIN] == [f"-j MARK --set-xmark {MARK}/{MARK}"]
-    assert state.filter[tw] == [CLEAR, "-j cali-pi-web", ALLOWED, "-j DROP"]
-    assert state.filter[fw] == ["! -s 10.0.0.1/32 -j DROP", CLEAR, "-j cali-po-web", ALLOWED,
-                                "-j DROP"]
+    assert state.filter[tw] == ["-g cali-pli-web"]
+    assert state.filter[fw] == ["! -s 10.0.0.1/32 -j DROP", "-g cali-plo-web"]
+    assert state.filter["cali-pli-web"] == [CLEAR, "-j cali-pi-web", ALLOWED, "-j DROP"]
+    assert state.filter["cali-plo-web"] == [CLEAR, "-j cali-po-web", ALLOWED, "-j DROP"]
     assert state.filter[TO_DISPATCH] == [f"-o {W1.iface} -g {tw}", "-j DROP"]
     assert state.filter[FROM_DISPATCH] == [f"-i {W1.iface} -g {fw}", "-j DROP"]
     assert state.ipsets["cali4-t-web"] == IpSet("hash:ip", "inet", frozenset({"10.0.0.1"}))
@@ -533,12 +535,32 @@ def test_profiles_in_order_in_the_endpoint_chain():
     endpoint = Endpoint("o" * 64, "calioooooooooo", ["10.0.0.9"], [], ["db", "empty", "web", "db"])
     state = compile_policy([endpoint], PROFILES).v4
     tw, _ = endpoint_chain_names(endpoint.iface)
-    assert state.filter[tw] == [
+    shared = profile_list_chain_name(["db", "empty", "web"], inbound=True)
+    assert shared.startswith("cali-pli_")  # several names: hashed
+    assert state.filter[tw] == [f"-g {shared}"]
+    assert state.filter[shared] == [
         CLEAR, "-j cali-pi-db", ALLOWED, "-j cali-pi-empty", ALLOWED, "-j cali-pi-web", ALLOWED,
         "-j DROP",
     ]
     assert state.filter["cali-pi-empty"] == []
 
+
+def test_endpoints_with_the_same_profiles_share_one_profile_list_chain():
+    same = [Endpoint(f"{i}" * 64, f"cali{i}same", [f"10.0.0.{i}"], [], ["db", "web"])
+            for i in range(1, 4)]
+    other = Endpoint("9" * 64, "cali9other", ["10.0.0.9"], [], ["web", "db"])
+    state = compile_policy([*same, other], PROFILES).v4
+    inbound = profile_list_chain_name(["db", "web"], inbound=True)
+    outbound = profile_list_chain_name(["db", "web"], inbound=False)
+    for endpoint in same:
+        tw, fw = endpoint_chain_names(endpoint.iface)
+        assert state.filter[tw] == [f"-g {inbound}"]
+        assert state.filter[fw][-1] == f"-g {outbound}"
+    # Another order is another list (the first allow wins, so order matters).
+    tw, _ = endpoint_chain_names(other.iface)
+    assert state.filter[tw] == [f"-g {profile_list_chain_name(['web', 'db'], inbound=True)}"]
+    lists = [name for name in state.filter if name.startswith(("cali-pli", "cali-plo"))]
+    assert len(lists) == 4
 
 def test_deny_before_allow_text():
     assert render_profile_chains(DB, 4)["cali-pi-db"] == [
@@ -624,7 +646,8 @@ def test_other_mark_bit_and_interface_prefix():
     settings = PolicySettings(mark=0x200, iface_prefix="tap")
     endpoint = Endpoint("t" * 64, "tap0123", ["10.0.0.9"], [], ["web"])
     state = compile_policy([endpoint], {"web": WEB}, settings=settings).v4
-    assert state.filter["cali-tw-0123"][0] == "-j MARK --set-xmark 0x0/0x200"
+    assert state.filter["cali-tw-0123"] == ["-g cali-pli-web"]
+    assert state.filter["cali-pli-web"][0] == "-j MARK --set-xmark 0x0/0x200"
     assert state.filter[ALLOW_CHAIN] == ["-j MARK --set-xmark 0x200/0x200"]
     assert state.filter[FORWARD_CHAIN][0].startswith("-i tap+ ")
     for bad in ({"mark": 0x3}, {"mark": 0}, {"workload_to_host": "reject"},
@@ -791,13 +814,21 @@ def test_rule_count_is_linear_in_endpoints_plus_rules():
     for count in (1000, 2000, 4000):
         state = compile_policy(_scale_endpoints(count, 3), profiles).v4
         counts[count] = state.rule_count()
-        profile_rules = sum(len(r) for n, r in state.filter.items() if n.startswith("cali-p"))
+        profile_rules = sum(
+            len(r) for n, r in state.filter.items() if n.startswith(("cali-pi-", "cali-po-"))
+        )
         assert profile_rules == 50 * 21  # each profile's rules once, never per endpoint
+        list_rules = sum(
+            len(r) for n, r in state.filter.items() if n.startswith(("cali-pli", "cali-plo"))
+        )
+        # 50 distinct profile lists (rotations of 3), each direction: clear, 2 per
+        # profile, drop: once per list, never per endpoint.
+        assert list_rules == 50 * 2 * 8
     per_endpoint_low = (counts[2000] - counts[1000]) / 1000
     per_endpoint_high = (counts[4000] - counts[2000]) / 2000
-    # Each endpoint adds its two chains (17 rules: clear, 2 per profile and a drop
-    # each, anti-spoof) and two to three dispatch rules, whatever the number of endpoints.
-    assert 19 <= per_endpoint_low <= 21 and 19 <= per_endpoint_high <= 21
+    # Each endpoint adds its two chains (3 rules: the goto to its profile list each,
+    # anti-spoof) and two to three dispatch rules, whatever the number of endpoints.
+    assert 5 <= per_endpoint_low <= 7 and 5 <= per_endpoint_high <= 7
     assert abs(per_endpoint_high - per_endpoint_low) < 1.5
 
 
@@ -805,10 +836,11 @@ def test_50_profiles_per_endpoint_stay_linear():
     profiles = _scale_profiles(50, 20)
     small = compile_policy(_scale_endpoints(500, 50), profiles).v4.rule_count()
     large = compile_policy(_scale_endpoints(1000, 50), profiles).v4.rule_count()
-    profile_rules = 50 * 21
-    # 1,000 endpoints x 50 profiles: 2 chains x (50 jumps + 50 checks + 3) each, not x rules.
-    assert (large - profile_rules) / (small - profile_rules) == pytest.approx(2, rel=0.01)
-    assert large < 1000 * 2 * 105 + profile_rules + 5000
+    # The 50 distinct profile lists (2 x (50 jumps + 50 checks + 2) rules each) are
+    # shared: an endpoint adds the same handful of rules with 50 profiles as with one.
+    assert 5 <= (large - small) / 500 <= 7
+    fixed = 50 * 21 + 50 * 2 * 102
+    assert large < fixed + 1000 * 7 + 100
 
 
 def test_dispatch_reaches_every_endpoint_through_a_shallow_tree():
@@ -961,13 +993,13 @@ def test_diff_when_an_endpoint_and_its_profile_go_away():
     after = world(endpoints=[W1, W2, X1]).v4  # D1 (profile db) is gone
     changes = diff(before, after)
     tw, fw = endpoint_chain_names(D1.iface)
-    assert changes.deleted_chains["filter"] == sorted([tw, fw, "cali-pi-db", "cali-po-db"])
+    gone = sorted([tw, fw, "cali-pi-db", "cali-po-db", "cali-pli-db", "cali-plo-db"])
+    assert changes.deleted_chains["filter"] == gone
     assert changes.changed_chains["filter"] == [FROM_DISPATCH, TO_DISPATCH]
     assert changes.changed_sets == [] and changes.deleted_sets == []
     plan = plan_restore(before, after)
     assert plan.tables["filter"].endswith(
-        "".join(f"-X {name}\n" for name in sorted([tw, fw, "cali-pi-db", "cali-po-db"]))
-        + "COMMIT\n"
+        "".join(f"-X {name}\n" for name in gone) + "COMMIT\n"
     )
 
 

@@ -26,8 +26,11 @@ class Plugin:
     def __init__(self, tmp_path: Path) -> None:
         self.store = SqliteDatastore(str(tmp_path / "state.db"))
         self.kernel = FakeKernel()
+        # Docker's names for networks, as the Docker API would answer.
+        self.docker_names: dict[str, str] = {}
         settings = Settings(hostname="host1", sqlite_path=str(tmp_path / "state.db"))
-        self.app = create_app(settings, store=self.store, netlink_factory=self.kernel.netlink)
+        self.app = create_app(settings, store=self.store, netlink_factory=self.kernel.netlink,
+                              name_lookup=self.docker_names.get)
         self.client: FlaskClient = self.app.test_client()
         self.ipam = self.app.extensions["calico_cnm.ipam"]
 
@@ -242,6 +245,10 @@ def _chosen_addresses(method: str, request: dict[str, Any]) -> list[str]:
 def test_recorded_dockerd_session_replays_and_leaves_nothing(plugin: Plugin) -> None:
     """Every request dockerd 20.10 sent for create/run/connect/stop/start/rm."""
     calls = [json.loads(line) for line in FIXTURES.read_text().splitlines()]
+    from profiles.model import Profile
+    from profiles.store import ProfileStore
+
+    ProfileStore(plugin.store).create(Profile.network_default("web"))  # -o profile=web
     # Recorded value -> ours: pool IDs, and the addresses the recording plugin chose.
     mapping: dict[str, str] = {}
     explicit: set[str] = set()
@@ -270,3 +277,44 @@ def test_recorded_dockerd_session_replays_and_leaves_nothing(plugin: Plugin) -> 
     leftovers = [key for key, _ in plugin.state()
                  if "/networks/" in key or "/endpoints/" in key]
     assert leftovers == []
+
+
+def test_network_name_gives_the_default_profile_at_first_endpoint(plugin: Plugin) -> None:
+    pools = _network(plugin)
+    network = plugin.store.get(f"{ROOT}networks/{NETWORK_ID}").data
+    assert network["name"] == "" and network["profiles"] == []
+    plugin.docker_names[NETWORK_ID] = "web"
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address}})
+    network = plugin.store.get(f"{ROOT}networks/{NETWORK_ID}").data
+    assert network["name"] == "web" and network["profiles"] == ["web"]
+    profile = plugin.store.get(f"{ROOT}profiles/web").data
+    assert profile["tags"] == ["web"]
+    assert profile["rules"]["inbound"] == [{"action": "allow", "src_tag": "web"}]
+    assert profile["rules"]["outbound"] == [{"action": "allow"}]
+
+
+def test_existing_profile_of_that_name_is_reused(plugin: Plugin) -> None:
+    from profiles.model import Profile, Rule
+    from profiles.store import ProfileStore
+
+    ProfileStore(plugin.store).create(
+        Profile("web", ["web"], [Rule("allow", protocol="tcp", dst_ports=[80])], []))
+    plugin.docker_names[NETWORK_ID] = "web"
+    _network(plugin)
+    service = plugin.app.extensions["calico_cnm.network"]
+    assert service.resolve_network(NETWORK_ID).profiles == ["web"]
+    profile = plugin.store.get(f"{ROOT}profiles/web").data
+    assert profile["rules"]["inbound"] == [
+        {"action": "allow", "protocol": "tcp", "dst_ports": [80]}]
+
+
+def test_profile_option_needs_existing_profiles(plugin: Plugin) -> None:
+    before = plugin.state()
+    reply = plugin.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": NETWORK_ID,
+        "Options": {"com.docker.network.generic": {"profile": "nosuch"}},
+        "IPv4Data": [{"Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}]}, status=400)
+    assert "nosuch" in reply["Err"] and "calico-cnm profile add" in reply["Err"]
+    assert plugin.state() == before

@@ -16,7 +16,7 @@ def _setup(tmp_path: Path) -> tuple[SqliteDatastore, FakeKernel, EndpointRecord]
     network = NetworkRecord(id="net1", ipv4=Subnet("10.1.0.0/24", "10.1.0.1"), ipv6=None)
     store.create(network_key("net1"), dumps(network.to_dict()))
     endpoint = EndpointRecord(id="a" * 64, network_id="net1", hostname="h1",
-                              ipv4="10.1.0.5/24", ipv6=None, joined=True)
+                              ipv4="10.1.0.5/24", ipv6=None, state="joined")
     store.create(endpoint_key("h1", endpoint.id), dumps(endpoint.to_dict()))
     kernel = FakeKernel()
     with kernel.netlink() as netlink:
@@ -62,3 +62,26 @@ def test_other_hosts_endpoints_are_not_ours(tmp_path: Path) -> None:
     report = reconcile_routes(store, "h2", kernel.netlink())
     assert report.links_removed == [endpoint.host_ifname]
     assert kernel.links == {}
+
+
+def test_left_endpoint_routes_are_not_restored_and_its_link_goes(tmp_path: Path) -> None:
+    store, kernel, endpoint = _setup(tmp_path)
+    endpoint.state = "left"
+    entry = store.get(endpoint_key("h1", endpoint.id))
+    store.update(endpoint_key("h1", endpoint.id), dumps(endpoint.to_dict()), entry.revision)
+    kernel.routes.clear()  # Leave removed the routes; the veth is still being deleted
+    report = reconcile_routes(store, "h1", kernel.netlink())
+    assert report.routes_added == [] and report.links_removed == [endpoint.host_ifname]
+    assert kernel.links == {} and kernel.routes == {}
+
+
+def test_endpoint_mid_join_is_left_alone(tmp_path: Path) -> None:
+    store, kernel, endpoint = _setup(tmp_path)
+    endpoint.state = "created"  # Join made the veth and route, not yet marked joined
+    entry = store.get(endpoint_key("h1", endpoint.id))
+    store.update(endpoint_key("h1", endpoint.id), dumps(endpoint.to_dict()), entry.revision)
+    report = reconcile_routes(store, "h1", kernel.netlink())
+    assert not report.changed
+    assert kernel.routes == {"10.1.0.5": endpoint.host_ifname}
+    kernel.routes.clear()
+    assert not reconcile_routes(store, "h1", kernel.netlink()).changed
