@@ -9,10 +9,14 @@ its last write (its mod revision).
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+from datastore.errors import Unavailable
 
 # Every key the project writes lives under this prefix.
 ROOT = "/calico-cnm/v1/"
@@ -115,3 +119,23 @@ class Datastore(ABC):
 def dumps(data: Any) -> str:
     """The canonical JSON text of a record."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable_as_error(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: an unreachable datastore becomes the project's Unavailable error."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except DatastoreUnavailable as exc:
+                raise Unavailable(f"{what} datastore unavailable: {exc}") from exc
+
+        return wrapper
+
+    return decorate

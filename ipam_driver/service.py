@@ -45,13 +45,12 @@ Races and why they are safe:
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from netaddr import IPAddress, IPNetwork, IPSet
 
@@ -59,10 +58,10 @@ from datastore.base import (
     ROOT,
     AlreadyExists,
     Datastore,
-    DatastoreUnavailable,
     Entry,
     RevisionConflict,
     dumps,
+    unavailable_as_error,
 )
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
 from ipam_driver.blocks import AddressAllocation, AllocationBlock
@@ -98,8 +97,6 @@ MAX_BLOCK_GETS = 16
 
 _CAS_ERRORS = (AlreadyExists, RevisionConflict)
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def block_key(cidr: IPNetwork | str) -> str:
@@ -112,17 +109,7 @@ def block_cidr_from_key(key: str) -> IPNetwork:
     return IPNetwork(f"{address}/{prefix}")
 
 
-def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Report an unreachable datastore as the project's Unavailable."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except DatastoreUnavailable as exc:
-            raise Unavailable(f"IPAM datastore unavailable: {exc}") from exc
-
-    return wrapper
+_store_errors = unavailable_as_error("IPAM")
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,9 @@ from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from plugin import settings as settings_module
 from plugin.app import build_ipam, open_datastore
+from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv
 from plugin.settings import Settings
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
 
 
 def _print_json(data: Any) -> None:
@@ -68,7 +60,7 @@ def cmd_pool_show(settings: Settings, store: Datastore, args: argparse.Namespace
             "yes" if pool.disabled else "no", f"/{pool.block_size}",
             f"{usage.allocated}/{usage.capacity}",
         ])
-    print(_table(["CIDR", "IPIP", "NAT-OUTGOING", "DISABLED", "BLOCK", "IN USE"], rows))
+    print(table(["CIDR", "IPIP", "NAT-OUTGOING", "DISABLED", "BLOCK", "IN USE"], rows))
     return 0
 
 
@@ -78,7 +70,7 @@ def cmd_ipam_show(settings: Settings, store: Datastore, args: argparse.Namespace
         _print_json([_as_dict(a) for a in allocations])
         return 0
     rows = [[a.address, a.subnet, a.kind, a.handle or "-", a.host or "-"] for a in allocations]
-    print(_table(["ADDRESS", "SUBNET", "KIND", "HANDLE", "HOST"], rows))
+    print(table(["ADDRESS", "SUBNET", "KIND", "HANDLE", "HOST"], rows))
     return 0
 
 
@@ -97,7 +89,7 @@ def cmd_network_show(settings: Settings, store: Datastore, args: argparse.Namesp
         n.id[:12], n.ipv4.cidr if n.ipv4 else "-", n.ipv4.gateway if n.ipv4 else "-",
         n.ipv6.cidr if n.ipv6 else "-", ",".join(n.profiles) or "-",
     ] for n in networks]
-    print(_table(["NETWORK", "IPV4 SUBNET", "GATEWAY", "IPV6 SUBNET", "PROFILES"], rows))
+    print(table(["NETWORK", "IPV4 SUBNET", "GATEWAY", "IPV6 SUBNET", "PROFILES"], rows))
     return 0
 
 
@@ -110,7 +102,7 @@ def cmd_endpoint_show(settings: Settings, store: Datastore, args: argparse.Names
         e.id[:12], e.network_id[:12], e.hostname, e.host_ifname, e.ipv4 or "-", e.ipv6 or "-",
         "yes" if e.joined else "no",
     ] for e in endpoints]
-    print(_table(["ENDPOINT", "NETWORK", "HOST", "INTERFACE", "IPV4", "IPV6", "JOINED"], rows))
+    print(table(["ENDPOINT", "NETWORK", "HOST", "INTERFACE", "IPV4", "IPV6", "JOINED"], rows))
     return 0
 
 

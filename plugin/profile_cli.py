@@ -32,7 +32,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from datastore.base import Datastore
 from datastore.errors import Conflict, InvalidRequest
@@ -51,6 +50,7 @@ from plugin.declarative import (
     reserved_message,
     rules_document,
 )
+from plugin.output import table
 from plugin.settings import Settings
 from profiles.grammar import format_rule, parse_rule
 from profiles.model import Profile, Rule
@@ -93,13 +93,6 @@ def _write(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )
 
 
 def _point_at(words: Sequence[str], message: str) -> str:
@@ -174,7 +167,7 @@ def _show_profiles(profiles: Sequence[Profile], output: str, single: bool) -> No
     rows = [[
         p.name, ",".join(p.tags) or "-", len(p.inbound_rules), len(p.outbound_rules),
     ] for p in profiles]
-    _write(_table(["NAME", "TAGS", "INBOUND RULES", "OUTBOUND RULES"], rows))
+    _write(table(["NAME", "TAGS", "INBOUND RULES", "OUTBOUND RULES"], rows))
 
 
 # --------------------------------------------------------------- commands

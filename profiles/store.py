@@ -33,20 +33,18 @@ Choices:
 from __future__ import annotations
 
 import builtins
-import functools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import ParamSpec, TypeVar
 
 from datastore.base import (
     ROOT,
     AlreadyExists,
     Datastore,
-    DatastoreUnavailable,
     Entry,
     RevisionConflict,
     dumps,
+    unavailable_as_error,
 )
 from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound, Unavailable
 from profiles.model import Profile, Rule, check_name
@@ -54,25 +52,13 @@ from profiles.model import Profile, Rule, check_name
 PROFILES = ROOT + "profiles/"
 DIRECTIONS = ("inbound", "outbound")
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def profile_key(name: str) -> str:
     return PROFILES + name
 
 
-def _store_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Report an unreachable datastore as the project's Unavailable."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except DatastoreUnavailable as exc:
-            raise Unavailable(f"profile datastore unavailable: {exc}") from exc
-
-    return wrapper
+_store_errors = unavailable_as_error("profile")
 
 
 def check_direction(direction: object) -> str:
