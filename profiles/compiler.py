@@ -561,7 +561,10 @@ class _Context:
                 chains = profile_chain_names(name)
                 lines += [f"-j {chains[0] if inbound else chains[1]}", check]
             lines.append("-j DROP")
-            found = self._lists[key] = (profile_list_chain_name(names, inbound), lines)
+            found = (profile_list_chain_name(names, inbound), lines)
+            if self.cache is not None:
+                found = self.cache.get(("list", self.mark, names, inbound), lambda: found)
+            self._lists[key] = found
         return found
 
 
@@ -943,9 +946,17 @@ def _compile(
             mappings.append(checked)
     pool_list = _parse_pools(pools, warnings)
 
+    # Interface dispatch is the same in both families.
+    prefix = settings.iface_prefix
+    to_entries = [(local.endpoint.iface, local.to_chain) for local in locals_]
+    from_entries = [(local.endpoint.iface, local.from_chain) for local in locals_]
+    dispatch = _dispatch_chains(TO_DISPATCH, "twd", "-o", prefix, to_entries, ctx.cache)
+    dispatch.update(_dispatch_chains(FROM_DISPATCH, "fwd", "-i", prefix, from_entries, ctx.cache))
+
     states = {
         version: _compile_family(
-            version, ctx, locals_, used, tag_members[version], pool_list, mappings, warnings
+            version, ctx, locals_, used, tag_members[version], pool_list, mappings, dispatch,
+            warnings,
         )
         for version in (4, 6)
     }
@@ -1006,6 +1017,7 @@ def _compile_family(
     tag_members: Mapping[str, set[str]],
     pools: Sequence[tuple[str, int, bool]],
     mappings: Sequence[_Mapping],
+    dispatch: Mapping[str, list[str]],
     warnings: list[str],
 ) -> DesiredState:
     settings = ctx.settings
@@ -1044,21 +1056,11 @@ def _compile_family(
     # Profiles (only those in use and renderable), then endpoints and dispatch.
     for name in used_profiles:
         filter_chains.update(ctx.profile_chains(name, version))
-    to_entries: list[tuple[str, str]] = []
-    from_entries: list[tuple[str, str]] = []
     for local in locals_:
         filter_chains.update(
             _endpoint_chains(local, version, ctx, accepts.get(local.to_chain, ()))
         )
-        to_entries.append((local.endpoint.iface, local.to_chain))
-        from_entries.append((local.endpoint.iface, local.from_chain))
-    prefix = settings.iface_prefix
-    filter_chains.update(
-        _dispatch_chains(TO_DISPATCH, "twd", "-o", prefix, to_entries, ctx.cache)
-    )
-    filter_chains.update(
-        _dispatch_chains(FROM_DISPATCH, "fwd", "-i", prefix, from_entries, ctx.cache)
-    )
+    filter_chains.update(dispatch)
 
     # Sets: tags, pools; masquerade nat-outgoing pools to anything outside every pool.
     family = "inet" if version == 4 else "inet6"

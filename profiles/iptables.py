@@ -21,7 +21,9 @@ rewrites every set, rewrites every chain of ours whose rules differ from the pol
 (or are missing), deletes chains and sets of ours that the policy no longer has,
 and puts the hooks back at the top of the built-in chains (deleting any other rule
 there that jumps to one of our chains). Chains that already match are left alone:
-rewriting 75,000 identical rules costs seconds and changes nothing.
+rewriting tens of thousands of identical rules costs seconds and changes nothing.
+Sets are destroyed only after the rules using them are gone, retrying while the
+kernel still holds a reference (nf_tables releases it after an RCU grace period).
 
 If an incremental write fails (someone deleted a chain under us, a set went
 missing), the family falls back to a resync; iptables-restore transactions are
@@ -68,11 +70,13 @@ FAMILIES = (4, 6)
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 COMMAND_TIMEOUT = 300.0
+SET_DESTROY_WAIT = 5.0
 
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SAFE_CHAIN = re.compile(r"[A-Za-z0-9_.-]+")
 _OWN_TARGET = re.compile(r"(?:^|\s)-[jg] (cali-[^\s]+)")
 _PROTOCOL_NUMBER = re.compile(r"(^|\s)-p (\d+)(?=\s|$)")
+_FAILED_LINE = re.compile(r"(?:line (\d+) failed|Error in line (\d+))")
 
 _T = TypeVar("_T")
 
@@ -124,7 +128,8 @@ class ApplyReport:
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
-    """Run a tool (no shell); raise :class:`CommandFailed` with its stderr."""
+    """Run a tool (no shell); raise :class:`CommandFailed` with its stderr and, when
+    it names a line of the input that failed, that line."""
     try:
         result = subprocess.run(
             list(argv), input=stdin, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
@@ -133,6 +138,12 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
         raise CommandFailed(f"{' '.join(argv)}: {exc}") from None
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
+        found = _FAILED_LINE.search(message)
+        if found and stdin:
+            lines = stdin.splitlines()
+            number = int(found.group(1) or found.group(2))
+            if 0 < number <= len(lines):
+                message += f" [line {number}: {lines[number - 1][:300]}]"
         raise CommandFailed(f"{' '.join(argv)} exited {result.returncode}: {message}")
     return result.stdout
 
@@ -386,7 +397,7 @@ class PolicyWriter:
                 self._restore(version, edit)
                 report.chains_written += edit.chains_written
                 report.chains_deleted += len(edit.delete)
-            self._ipset_restore(render_ipset_destroy(changes.deleted_sets))
+            self._destroy_sets(version, changes.deleted_sets)
             report.sets_deleted = len(changes.deleted_sets)
         except (CommandFailed, ValueError) as exc:
             self._applied[version] = None
@@ -422,7 +433,7 @@ class PolicyWriter:
             report.chains_deleted += len(edit.delete)
             report.hooks_inserted += edit.hooks_inserted
         leftover = sorted(present_sets - set(new.ipsets))
-        self._ipset_restore(render_ipset_destroy(leftover))
+        self._destroy_sets(version, leftover)
         report.sets_deleted = len(leftover)
         self._applied[version] = new
         return report
@@ -470,7 +481,7 @@ class PolicyWriter:
             )
             self._fix_hooks(edit, listing, [])
             self._restore(version, edit)
-        self._ipset_restore(render_ipset_destroy(sorted(self._own_sets(version))))
+        self._destroy_sets(version, sorted(self._own_sets(version)))
 
     # -- pieces --------------------------------------------------------------------------
 
@@ -524,6 +535,26 @@ class PolicyWriter:
     def _ipset_restore(self, text: str) -> None:
         if text:
             _run(["ipset", "restore"], text)
+
+    def _destroy_sets(self, version: int, names: Sequence[str]) -> None:
+        """Destroy sets the rules no longer use. nf_tables drops a deleted rule's
+        reference to its set only after an RCU grace period, so a set can still be
+        "in use by a kernel component" right after the iptables-restore that deleted
+        the last rule using it: retry for up to SET_DESTROY_WAIT seconds."""
+        pending = list(names)
+        deadline = time.monotonic() + SET_DESTROY_WAIT
+        delay = 0.01
+        while pending:
+            try:
+                self._ipset_restore(render_ipset_destroy(pending))
+                return
+            except CommandFailed as exc:
+                if "in use" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            present = self._own_sets(version)
+            pending = [name for name in pending if name in present]
 
     def _own_sets(self, version: int) -> set[str]:
         prefix = f"cali{version}-"

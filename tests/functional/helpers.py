@@ -407,3 +407,255 @@ class Dataplane:
 
 NET1 = Network("10.201.0.0/24", "10.201.0.1", "fd00:98::/64", "fd00:98::1")
 NET2 = Network("10.202.0.0/24", "10.202.0.1", "fd00:99::/64", "fd00:99::1")
+
+
+# -- traffic probes: sockets opened inside namespaces --------------------------------
+
+
+def enter_netns(ns: str) -> None:
+    """Move the calling thread (only it) into namespace ``ns``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(ns: str, func: Callable[[], object]) -> object:
+    """Run ``func`` in a fresh thread that entered ``ns``; return its result."""
+    result: list[object] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            enter_netns(ns)
+            result.append(func())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(30)
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def icmp_echo(dst: str, timeout: float, src: str | None = None) -> bool:
+    """One echo request from the calling thread's namespace; whether the reply came."""
+    v6 = ipaddress.ip_address(dst).version == 6
+    ident = secrets.randbits(16)
+    payload = secrets.token_bytes(16)
+    if v6:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        header = bytes([128, 0, 0, 0]) + ident.to_bytes(2, "big") + (1).to_bytes(2, "big")
+        packet = header + payload  # the kernel fills in the ICMPv6 checksum
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        header = bytes([8, 0, 0, 0]) + ident.to_bytes(2, "big") + (1).to_bytes(2, "big")
+        checksum = _icmp_checksum(header + payload)
+        packet = header[:2] + checksum.to_bytes(2, "big") + header[4:] + payload
+    with sock:
+        if src:
+            sock.bind((src, 0))
+        sock.sendto(packet, (dst, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, addr = sock.recvfrom(2048)
+            except TimeoutError:
+                return False
+            icmp = data if v6 else data[(data[0] & 0x0F) * 4:]
+            reply_type = 129 if v6 else 0
+            if (len(icmp) >= 8 and icmp[0] == reply_type
+                    and int.from_bytes(icmp[4:6], "big") == ident
+                    and ipaddress.ip_address(addr[0]) == ipaddress.ip_address(dst)):
+                return True
+    return False
+
+
+def tcp_reaches(dst: str, port: int, timeout: float, src: str | None = None) -> bool:
+    """Whether a TCP SYN gets an answer: connected, or refused (RST), both mean through."""
+    with socket.socket(_family(dst), socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        if src:
+            sock.bind((src, 0))
+        try:
+            sock.connect((dst, port))
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # timeout, unreachable
+            return False
+        return True
+
+
+def udp_reaches(dst: str, port: int, timeout: float) -> bool:
+    """Whether a datagram comes back from an echo server (or a port unreachable)."""
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((dst, port))
+        token = secrets.token_bytes(8)
+        sock.send(token)
+        try:
+            return sock.recv(64) == token
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One attempt to reach ``dst`` from namespace ``src``: proto icmp, tcp or udp."""
+
+    src: str
+    dst: str
+    proto: str
+    port: int = 0
+    bind: str | None = None
+
+    def __str__(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        via = f" from {self.bind}" if self.bind else ""
+        return f"{self.proto} {self.src} -> {self.dst}{port}{via}"
+
+    def run(self, timeout: float) -> bool:
+        if self.proto == "icmp":
+            return icmp_echo(self.dst, timeout, self.bind)
+        if self.proto == "tcp":
+            return tcp_reaches(self.dst, self.port, timeout, self.bind)
+        if self.proto == "udp":
+            return udp_reaches(self.dst, self.port, timeout)
+        raise ValueError(self.proto)
+
+
+def probe_all(probes: list[Probe], timeout: float = 0.5) -> dict[Probe, bool]:
+    """Run every probe at once, each in its own thread inside its namespace."""
+    results: dict[Probe, bool] = {}
+    errors: list[str] = []
+
+    def target(probe: Probe) -> None:
+        try:
+            enter_netns(probe.src)
+            results[probe] = probe.run(timeout)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{probe}: {exc!r}")
+
+    threads = [threading.Thread(target=target, args=(p,), daemon=True) for p in probes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 10)
+    if errors:
+        raise AssertionError("probes failed to run: " + "; ".join(errors))
+    return results
+
+
+def expect(matrix: dict[Probe, bool], timeout: float = 0.5) -> None:
+    """Assert an allowed/denied matrix; the message lists every probe that disagreed."""
+    results = probe_all(list(matrix), timeout)
+    wrong = [
+        f"{probe}: expected {'through' if want else 'dropped'}, got "
+        f"{'through' if results[probe] else 'dropped'}"
+        for probe, want in matrix.items() if results[probe] != want
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+class Servers:
+    """TCP listeners (recording their peers' addresses) and UDP echo servers inside
+    namespaces, served by daemon threads until ``close``."""
+
+    def __init__(self) -> None:
+        self.peers: dict[tuple[str, int, int], list[str]] = {}
+        self._sockets: list[socket.socket] = []
+        self._stop = threading.Event()
+
+    def _open(self, ns: str, kind: int, family: int, port: int) -> socket.socket:
+        def make() -> socket.socket:
+            sock = socket.socket(family, kind)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen(64)
+            sock.settimeout(0.1)
+            return sock
+
+        sock = run_in_netns(ns, make)
+        assert isinstance(sock, socket.socket)
+        self._sockets.append(sock)
+        return sock
+
+    def tcp(self, ns: str, port: int, version: int = 4) -> list[str]:
+        """Listen on ``port``; returns the list the peers' addresses are appended to."""
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        sock = self._open(ns, socket.SOCK_STREAM, family, port)
+        peers = self.peers.setdefault((ns, port, version), [])
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                try:
+                    conn, addr = sock.accept()
+                except (TimeoutError, OSError):
+                    continue
+                peers.append(addr[0])
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return peers
+
+    def udp(self, ns: str, port: int, version: int = 4) -> None:
+        """Echo every datagram on ``port`` back to its sender."""
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        sock = self._open(ns, socket.SOCK_DGRAM, family, port)
+
+        def serve() -> None:
+            while not self._stop.is_set():
+                try:
+                    data, addr = sock.recvfrom(2048)
+                    sock.sendto(data, addr)
+                except (TimeoutError, OSError):
+                    continue
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        time.sleep(0.15)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+
+def add_outside(
+    lab: Lab, host: str, host_address: str = "203.0.113.1", outside_address: str = "203.0.113.2",
+    prefix: int = 24, routes: tuple[str, ...] = (),
+) -> str:
+    """An "outside" namespace on a veth from ``host``, with ``routes`` via the host."""
+    outside = lab.netns("outside")
+    ip(host, "link", "add", "cnmext0", "type", "veth", "peer", "name", "eth0", "netns", outside)
+    ip(host, "addr", "add", f"{host_address}/{prefix}", "dev", "cnmext0")
+    ip(host, "link", "set", "cnmext0", "up")
+    ip(outside, "addr", "add", f"{outside_address}/{prefix}", "dev", "eth0")
+    ip(outside, "link", "set", "eth0", "up")
+    for route in routes:
+        ip(outside, "route", "add", route, "via", host_address)
+    return outside

@@ -30,6 +30,7 @@ from profiles.compiler import (
     POSTROUTING_CHAIN,
     PREROUTING_CHAIN,
     TO_DISPATCH,
+    CompileCache,
     CompiledPolicy,
     DesiredState,
     Endpoint,
@@ -893,6 +894,90 @@ def test_adding_one_endpoint_changes_only_a_few_chains_and_sets():
         assert plan.ipsets.count("\n") == 2  # two "add" lines, no set rewritten
         assert len(plan.tables["filter"]) < 5000
 
+
+
+# --- the compile cache ---------------------------------------------------------------------
+
+
+def _compile_both(cache: CompileCache, **kwargs: object) -> CompiledPolicy:
+    """Compile with the cache and without; the two must be equal."""
+    args: dict[str, object] = {
+        "endpoints": [W1, W2, D1, X1], "profiles": PROFILES,
+        "pools": [Pool("10.0.0.0/16", nat_outgoing=True)],
+    }
+    args.update(kwargs)
+    cached = compile_policy(**args, cache=cache)  # type: ignore[arg-type]
+    fresh = compile_policy(**args)  # type: ignore[arg-type]
+    assert cached.v4 == fresh.v4 and cached.v6 == fresh.v6
+    return cached
+
+
+def test_a_cached_compile_equals_a_fresh_one_through_every_kind_of_change():
+    cache = CompileCache()
+    web = Profile("web", ["web"], [parse_rule("allow from tag web")], [parse_rule("allow")])
+    profiles = {**PROFILES, "web": web}
+    _compile_both(cache, profiles=profiles)
+    newcomer = Endpoint("n" * 64, "calinnnnnnnnnnn", ["10.0.0.9"], ["fd00::9"], ["db", "web"])
+    _compile_both(cache, profiles=profiles, endpoints=[W1, W2, D1, X1, newcomer])
+    _compile_both(cache, profiles=profiles, endpoints=[W1, D1, newcomer])
+    # A profile changed in place (same object) is noticed.
+    web.inbound_rules.append(parse_rule("deny tcp to ports 22"))
+    state = _compile_both(cache, profiles=profiles).v4
+    assert state.filter["cali-pi-web"][-1] == "-p tcp -m multiport --dports 22 -j DROP"
+    web.tags.append("www")
+    _compile_both(cache, profiles=profiles)
+    # A profile that goes away or stops rendering fails its endpoints closed.
+    unusable = Profile("db", ["db"], [Rule("allow", protocol="tcp", dst_ports=[])])
+    state = _compile_both(cache, profiles={**profiles, "db": unusable}).v4
+    tw, _ = endpoint_chain_names(D1.iface)
+    assert state.filter[tw] == fail_closed_chains(D1)[tw]
+    _compile_both(cache, profiles={"web": web})
+    _compile_both(cache, profiles=profiles)
+    # Settings, port mappings, remote endpoints, pools, a duplicate interface.
+    _compile_both(cache, profiles=profiles, settings=PolicySettings(mark=0x400))
+    _compile_both(cache, profiles=profiles,
+                  settings=PolicySettings(workload_to_host="return", mark=0x400))
+    _compile_both(cache, profiles=profiles,
+                  port_mappings=[PortMapping("10.0.0.1", "tcp", 8080, 80)])
+    _compile_both(cache, profiles=profiles,
+                  remote_endpoints=[Endpoint("r" * 64, "", ["10.9.0.1"], [], ["web"])])
+    _compile_both(cache, profiles=profiles, pools=[])
+    twin = Endpoint("t" * 64, W1.iface, ["10.0.0.8"], [], ["web"])
+    _compile_both(cache, profiles=profiles, endpoints=[W1, W2, twin])
+    _compile_both(cache, profiles=profiles, endpoints=[W1, W2])
+    # Odd inputs (lists inside endpoints, bad addresses) are handled the same way.
+    odd = Endpoint("o" * 64, "calioooooooooo", ["10.0.0.300"], [], ["web"])
+    _compile_both(cache, profiles=profiles, endpoints=[W1, odd])
+
+
+def test_the_cache_keeps_only_what_the_last_compile_used():
+    cache = CompileCache()
+    profiles = _scale_profiles(10, 2)
+    compile_policy(_scale_endpoints(500, 2), profiles, cache=cache)
+    large = len(cache)
+    compile_policy(_scale_endpoints(5, 2), profiles, cache=cache)
+    assert len(cache) < large / 20
+
+
+def test_a_cached_compile_reuses_unchanged_chains_and_is_fast():
+    profiles = _scale_profiles(50, 10)
+    endpoints = _scale_endpoints(5000, 2)
+    cache = CompileCache()
+    before = compile_policy(endpoints, profiles, cache=cache)
+    newcomer = Endpoint("n" * 64, "cali0newcomer0", ["10.200.0.1"], ["fd00::c8:1"], ["p3", "p4"])
+    started = time.perf_counter()
+    uncached = compile_policy([*endpoints, newcomer], profiles)
+    fresh = time.perf_counter() - started
+    started = time.perf_counter()
+    after = compile_policy([*endpoints, newcomer], profiles, cache=cache)
+    cached = time.perf_counter() - started
+    assert after.v4 == uncached.v4
+    unchanged = [n for n in before.v4.filter if n in after.v4.filter
+                 and before.v4.filter[n] == after.v4.filter[n]]
+    assert len(unchanged) > 10000
+    reused = [n for n in unchanged if after.v4.filter[n] is before.v4.filter[n]]
+    assert len(reused) > len(unchanged) - 10  # all but the few fixed chains
+    assert cached < fresh / 2, f"cached {cached * 1000:.0f} ms, fresh {fresh * 1000:.0f} ms"
 
 # --- tags -------------------------------------------------------------------------------------
 
