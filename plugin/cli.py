@@ -106,6 +106,21 @@ def cmd_endpoint_show(settings: Settings, store: Datastore, args: argparse.Names
     return 0
 
 
+def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    from profiles.iptables import PolicyWriter
+
+    local = [e for e in (EndpointRecord.from_dict(x.data) for x in store.list(ENDPOINTS))
+             if e.hostname == settings.hostname]
+    if local and not args.force:
+        print(f"error: {len(local)} endpoint(s) on this host would lose their policy "
+              "(their traffic would follow Docker's rules); stop their containers or "
+              "pass --force", file=sys.stderr)
+        return 1
+    PolicyWriter().remove_all()
+    print("removed every cali- chain, set and hook from this host")
+    return 0
+
+
 def _output_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
@@ -170,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_show.set_defaults(handler=cmd_endpoint_show)
 
     add_profile_commands(commands, common)
+
+    uninstall = commands.add_parser(
+        "uninstall", parents=[common],
+        help="remove this host's policy chains, sets and hooks (stop `serve` first)")
+    uninstall.add_argument("--force", action="store_true",
+                           help="even while containers on this host use calico networks")
+    uninstall.set_defaults(handler=cmd_uninstall)
     return parser
 
 

@@ -178,6 +178,8 @@ def plugin() -> Iterator[Plugin]:
     server.start()
     yield server
     server.stop()
+    # Leave no chains, sets or hooks of ours behind on this host.
+    server.cli("uninstall")
 
 
 class Stack:

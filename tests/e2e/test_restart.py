@@ -94,3 +94,29 @@ def test_cli_reports_bad_settings() -> None:
     assert result.returncode == 1
     assert "not a url" in result.stderr
     assert docker("info", check=False).returncode == 0
+
+
+def _restart_dockerd() -> None:
+    pids = run("pidof", "dockerd").stdout.split()
+    assert len(pids) == 1, "expected one dockerd"
+    run("kill", "-TERM", pids[0])
+    assert wait_for(lambda: run("pidof", "dockerd", check=False).returncode != 0, timeout=60)
+    run("sh", str(Path(__file__).resolve().parents[2] / "scripts/start-dockerd.sh"),
+        timeout=90)
+
+
+def test_docker_restart_keeps_policy_ahead_of_dockers_rules(stack: Stack) -> None:
+    """dockerd rewrites FORWARD when it starts; the agent puts our hook back on top."""
+    net = stack.network()
+    a = stack.container(net, "--restart", "always")
+    b = stack.container(net, "--restart", "always")
+    _restart_dockerd()
+    assert wait_for(lambda: docker("inspect", "-f", "{{.State.Running}}", a, b,
+                                   check=False).stdout.split() == ["true", "true"],
+                    timeout=60)
+    # The e2e plugin resyncs every 2 s.
+    assert wait_for(lambda: run("iptables", "-S", "FORWARD").stdout.splitlines()[1]
+                    == "-A FORWARD -j cali-FORWARD", timeout=10)
+    target = stack.address(b, net)
+    assert wait_for(lambda: stack.exec(a, "ping", "-c", "1", "-W", "1", target,
+                                       check=False).returncode == 0, timeout=10)
