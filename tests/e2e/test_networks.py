@@ -222,3 +222,22 @@ def test_removing_everything_leaves_nothing_behind(stack: Stack) -> None:
     assert [e for e in endpoints if e["network_id"] in ids] == []
     networks = json.loads(stack.plugin.cli("network", "show", "-o", "json").stdout)
     assert [n for n in networks if n["id"] in ids] == []
+
+
+def test_carved_subnet_that_overlaps_a_host_route_is_replaced(stack: Stack) -> None:
+    """dockerd refuses a pool that overlaps a host route and asks again."""
+    stack.plugin.cli("pool", "add", "10.215.0.0/23")
+    run("ip", "link", "add", "cnmroute0", "type", "veth", "peer", "name", "cnmroute1")
+    try:
+        run("ip", "addr", "add", "10.215.0.1/24", "dev", "cnmroute0")
+        run("ip", "link", "set", "cnmroute0", "up")
+        net = stack.network()
+        assert stack.inspect_network(net)["IPAM"]["Config"][0]["Subnet"] == "10.215.1.0/24"
+        stack.cleanup()
+        stack.networks.clear()
+        subnets = json.loads(stack.plugin.cli("pool", "show", "-o", "json").stdout)
+        usage = next(p for p in subnets if p["pool"]["cidr"] == "10.215.0.0/23")
+        assert usage["allocated"] == 0 and usage["subnets"] in (0, [])
+    finally:
+        run("ip", "link", "del", "cnmroute0", check=False)
+        stack.plugin.cli("pool", "remove", "10.215.0.0/23")
