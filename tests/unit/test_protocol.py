@@ -4,6 +4,7 @@ a real SQLite datastore and a stateful fake kernel."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +319,22 @@ def test_profile_option_needs_existing_profiles(plugin: Plugin) -> None:
         "IPv4Data": [{"Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}]}, status=400)
     assert "nosuch" in reply["Err"] and "calico-cnm profile add" in reply["Err"]
     assert plugin.state() == before
+
+
+def test_unreachable_etcd_answers_503_and_the_server_stays_up(tmp_path: Path) -> None:
+    from datastore.etcd import EtcdDatastore
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    settings = Settings(hostname="host1", etcd_endpoints=(f"http://127.0.0.1:{port}",))
+    store = EtcdDatastore(list(settings.etcd_endpoints), timeout=1.0)
+    app = create_app(settings, store=store, netlink_factory=FakeKernel().netlink,
+                     name_lookup={}.get)
+    client = app.test_client()
+    response = client.post("/IpamDriver.RequestPool", data=b'{"Pool": "", "V6": false}')
+    assert response.status_code == 503
+    reply = response.get_json(force=True)
+    assert "unavailable" in reply["Error"] and str(port) in reply["Error"]
+    assert client.post("/Plugin.Activate").status_code == 200
