@@ -2,19 +2,24 @@
 network namespace, against a naive writer that issues one command per rule.
 
 Measures, for each N:
-  (a) one more endpoint enforced: compile (with a CompileCache, as the agent can) +
-      PolicyWriter.apply of the policy with N+1 endpoints after N are applied, the
-      median of several additions; the naive baseline issues the new endpoint's rules
-      (and set members, and dispatch rules) one `iptables`/`ipset` command each;
-  (b) a full resync: PolicyWriter.resync into an empty namespace (cold: every chain
-      and set written) and into one that already holds the policy (warm: read,
-      compare, nothing rewritten); the naive baseline creates every set member, chain
-      and rule with one command each into an empty namespace (timed up to
-      --naive-full-max endpoints and extrapolated linearly beyond, saying so);
-  (c) the number of iptables rules (IPv4 + IPv6, filter + nat), counted in the kernel.
+  (a) one more endpoint enforced: the agent's path, PolicyModel.set_endpoint +
+      policy() ("model") and PolicyWriter.apply ("writer") after N are applied, the
+      median of several additions; the same for an endpoint that publishes a port
+      (which does need an iptables commit); and, for comparison, compile_policy of
+      all N+1 endpoints (what an agent without the model would do per change). The
+      naive baseline issues the change one `iptables`/`ipset` command per rule, chain
+      and set member;
+  (b) a full resync: compile_policy of everything, then PolicyWriter.resync into an
+      empty namespace (cold: every chain and set written) and into one that already
+      holds the policy (warm: read, compare, sets rewritten, no chain rewritten); the
+      naive baseline creates every set member, chain and rule with one command each
+      into an empty namespace (timed up to --naive-full-max endpoints and extrapolated
+      linearly beyond, saying so);
+  (c) the number of iptables rules (IPv4 + IPv6, filter + nat) and of set members,
+      counted in the kernel.
 
 Usage (root): .venv/bin/python bench/policy.py [--sizes 100,1000,5000] [--additions 7]
-              [--naive-full-max 1000] [--no-write]
+              [--naive-full-max 5000] [--no-write]
 Writes the table into the "Policy programming (issue 3)" section of BENCHMARKS.md.
 """
 
@@ -31,6 +36,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,11 +47,17 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from datastore.base import dumps  # noqa: E402
+from datastore.sqlite import SqliteDatastore  # noqa: E402
+from driver.records import EndpointRecord, NetworkRecord, endpoint_key, network_key  # noqa: E402
+from driver.records import PortMapping as PublishedPort  # noqa: E402
+from ipam_driver.service import IpamService  # noqa: E402
+from plugin.policy import HostPolicy  # noqa: E402
 from profiles.compiler import (  # noqa: E402
-    CompileCache,
     CompiledPolicy,
     DesiredState,
     Endpoint,
+    PolicyModel,
     Pool,
     PortMapping,
     compile_policy,
@@ -54,6 +66,7 @@ from profiles.compiler import (  # noqa: E402
 from profiles.grammar import parse_rule  # noqa: E402
 from profiles.iptables import PolicyWriter  # noqa: E402
 from profiles.model import Profile  # noqa: E402
+from profiles.store import ProfileStore  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "## Policy programming (issue 3)"
@@ -68,46 +81,57 @@ its own `cnmbench-*` network namespaces and rewrites this section; `--no-write` 
 prints). The workload: 50 profiles (25 network defaults; 15 services with 7 rules each:
 a deny, tags with port lists and ranges, an 18-port list that multiport splits in two,
 a CIDR with a hole, ICMP/ICMPv6 types, UDP; 10 database-style ones with a negated tag,
-negated ports and outbound rules), 60 networks whose profile lists hold 1-3 of them
-(Docker attaches profiles per network, so containers of a network share one list),
-endpoints spread over the networks with an IPv4 and an IPv6 address each, one in 100
-publishing a port, pools 10.0.0.0/8 (nat-outgoing) and fd00::/48.
+negated ports and outbound rules), 60 networks (the same at every size) whose profile
+lists hold 1-3 of them (Docker attaches profiles per network, so containers of a
+network share one list), endpoints spread over the networks with an IPv4 and an IPv6
+address each, one in 100 publishing a port, pools 10.0.0.0/8 (nat-outgoing) and
+fd00::/48.
 
-- (a) "one more endpoint": compile = `compile_policy(..., cache=CompileCache())` of
-  all N+1 endpoints (the second table: without the cache); writer =
-  `PolicyWriter.apply`. Naive = the same change as one `iptables`/`ipset` command per
-  rule, set member and chain. (b) cold = `resync` into an empty namespace (every chain
-  and set written); warm = `resync` when the kernel already holds the policy (the
-  periodic case: it reads `iptables -S` per table, compares, rewrites nothing). Naive =
-  every set member, chain and rule with its own command into an empty namespace;
-  where that would take over 2 minutes (at 5,000: each command is a commit, and commits
-  get slower as the table grows) it is extrapolated linearly from 1,000: a lower bound.
-  (c) counted in the kernel with `iptables -S`/`ip6tables -S`, filter and nat.
-- Targets: (b) <= 2 s at 5,000 endpoints is met (cold). (c) is linear: about 5 rules
-  per endpoint per family, independent of how many profiles an endpoint has (they are
-  tried in a chain shared by every endpoint with the same profile list). (a) <= 20 ms
-  flat is **missed**: the writer alone takes about 20 ms at 5,000 endpoints (18-22 ms
-  over runs: at the target, not well under it), the compile adds 45-50 ms, and
-  neither is flat. Why, measured:
-  1. `compile_policy` recompiles every endpoint on every change: O(N) Python, about
-     130-160 ms at 5,000 endpoints. `CompileCache` (reusing per-endpoint results, profile
-     renderings and dispatch subtrees) cuts it about 3x but still visits all N.
-  2. The kernel: on every nf_tables commit that adds a rule, `nft_table_validate`
-     walks every chain reachable from the hooks (found with `perf`), so a commit costs
-     about 0.2 us per rule of the table: ~6 ms per family at 5,000 endpoints, and the
-     IPv4 and IPv6 commits serialize on the namespace's commit mutex.
-  What the writer does about what it controls: edits a chain with `-I`/`-A` when the
-  old rules are a subsequence of the new ones (a flush queues rules for destruction
-  and the tool's exit then waits an RCU grace period, 10-20 ms here); both families in
-  parallel; `setns` in its own threads instead of `nsenter` per command (1 ms each).
-  In the compiler: profile lists in shared chains took the rules per endpoint from
-  ~15 to ~5 per family (commit 15 -> 6 ms, cold resync 3.6 -> 1.5 s at 5,000).
-  To make (a) flat: have the agent feed the compiler the endpoints that changed (the
-  datastore watch names them) instead of recompiling all, and match endpoints with
-  ipsets (`hash:net,iface` for anti-spoofing and for the members of each profile list)
-  so that a new endpoint is only set members and needs no iptables commit at all.
-- `hooks_intact` (the cheap check: hooks on top, top chains unchanged) costs ~15 ms at
-  any size; a warm `resync` reads the whole ruleset (about 1 s of CPU at 5,000).
+- (a) "one more endpoint", the agent's path: model = `PolicyModel.set_endpoint` +
+  `policy()`; writer = `PolicyWriter.apply` (diff, then one `ipset restore` of
+  `add ... -exist` lines per family, both families in parallel, no iptables-restore
+  at all). A new endpoint of a network already in use is only set members: its
+  (address, interface) in its profile list's `hash:net,iface` set and its address in
+  the `hash:ip` sets of its tags. Naive = the same change as one command per rule,
+  chain and set member: with this layout that is four `ipset add`s, about as fast as
+  our writer (whose cost is starting two `ipset` processes; the ratio swings between
+  1 and 3 from run to run); the gain over the old layout comes from the layout, not
+  from batching. Second table: an endpoint that
+  publishes a port (a DNAT rule in PREROUTING and OUTPUT and a forward accept: one
+  iptables commit per family, 6-10 ms), and `compile_policy` of all N+1 endpoints, what the
+  agent did per change before it kept a model (O(N) Python).
+- (b) compile = `compile_policy` of everything (the same work as building a fresh
+  model); cold = `resync` into an empty namespace (every chain and set written); warm =
+  `resync` when the kernel already holds the policy (it rewrites every set by an atomic
+  swap and compares every chain with `iptables -S`, rewriting none). Agent resync (second
+  table) = the periodic resync as the agent runs it: every record read from a real
+  SQLite datastore, a fresh model, `PolicyWriter.resync`; reading and parsing the
+  records is most of it. Naive = every set member, chain and rule with its own command
+  into an empty namespace. (c) counted in the kernel: `iptables -S`/`ip6tables -S`
+  (filter and nat) and `ipset list -t`.
+- Targets, all met: (a) about 4 ms at 5,000 endpoints and flat from 100 to 5,000 (the
+  target was <= 20 ms; the previous layout took 74 ms at 5,000, 52 of them compiling);
+  (b) about 0.2 s (compile + cold write), 0.3 s on the agent's path from SQLite (target
+  <= 2 s; previously 1.5 s); (c) the rule count does not grow with endpoints at all:
+  about 2,100 rules for 100 or 5,000 endpoints (previously 54,296 at 5,000), linear in
+  profile rules + profile lists + published ports (3 rules each); the set members grow
+  linearly with endpoints (one per address in its list's set, one per address per tag).
+- Why it is flat: (1) no per-endpoint iptables rule. Endpoints are matched with one
+  `hash:net,iface` set per profile list, `src,src` from a workload (source address and
+  incoming interface: the anti-spoofing check too) and `dst,dst` to one, so adding an
+  endpoint is an O(1) hash insert and never an nf_tables commit (each commit walks every
+  chain reachable from the hooks, so it cost ~0.2 us per rule of the table). (2) the
+  agent keeps a `PolicyModel` updated from the datastore watch events it gets: a change
+  costs O(its addresses x tags), and `policy()` is O(profiles + profile lists + tags +
+  published ports) plus rebuilding the frozensets of the sets that changed (C speed),
+  about 0.5 ms; unchanged chains and sets come back as the same objects, so the writer's
+  diff is cheap too. The periodic resync still rebuilds the model from a full read, so
+  a missed event cannot last.
+- On the packet path a new connection from or to a workload now tests one hash set per
+  profile list in use (60 here), in order, instead of walking a prefix tree of interface
+  names; established traffic is accepted by conntrack before any of it.
+- `hooks_intact` (the cheap check: hooks on top, top chains unchanged) costs ~10 ms at
+  any size.
 """
 
 
@@ -306,17 +330,38 @@ def run_commands(ns: str, commands: list[list[str]]) -> float:
 # --- the measurements -------------------------------------------------------------------------
 
 
+def kernel_set_members(ns: str) -> int:
+    def count() -> int:
+        out = subprocess.run(["ipset", "list", "-t"], capture_output=True, text=True,
+                             check=True).stdout
+        total, ours = 0, False
+        for line in out.splitlines():
+            if line.startswith("Name: "):
+                ours = line.split()[1].startswith(("cali4-", "cali6-"))
+            elif line.startswith("Number of entries: ") and ours:
+                total += int(line.split()[-1])
+        return total
+    return inside(ns, count)
+
+
+# --- the measurements -------------------------------------------------------------------------
+
+
 @dataclass
 class Result:
     endpoints: int
     rules: int
-    compiled_rules: int
-    full_compile_s: float
-    add_compile_ms: float
-    add_compile_uncached_ms: float
-    add_writer_ms: float
+    members: int
+    model_ms: float
+    writer_ms: float
+    writer_max_ms: float
+    published_ms: float
+    whole_compile_ms: float
     add_naive_ms: float
     add_naive_commands: int
+    compile_s: float
+    agent_cold_s: float
+    agent_warm_s: float
     cold_s: float
     warm_s: float
     intact_ms: float
@@ -325,18 +370,74 @@ class Result:
     naive_extrapolated: bool
     naive_predicted_s: float
 
+    @property
+    def add_ms(self) -> float:
+        return self.model_ms + self.writer_ms
+
+
+def agent_resync(endpoints: list[Endpoint], profiles: dict[str, Profile],
+                 networks: list[list[str]]) -> tuple[float, float]:
+    """The agent's periodic resync with everything in a real SQLite datastore: read it
+    all, build the model, PolicyWriter.resync. (cold: empty namespace; warm: the
+    kernel already holds the policy.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteDatastore(os.path.join(tmp, "state.db"))
+        ipam = IpamService(store, "bench")
+        for pool in POOLS:
+            ipam.add_pool(pool.cidr, nat_outgoing=pool.nat_outgoing)
+        for profile in profiles.values():
+            ProfileStore(store).create(profile)
+        for index, names in enumerate(networks):
+            record = NetworkRecord(id=f"net{index:04d}", ipv4=None, ipv6=None,
+                                   profiles=list(names))
+            store.create(network_key(record.id), dumps(record.to_dict()))
+        for index, endpoint in enumerate(endpoints):
+            ports = [PublishedPort("tcp", 80, 20000 + index // 100)] if index % 100 == 0 else []
+            record = EndpointRecord(
+                id=endpoint.id, network_id=f"net{index % len(networks):04d}", hostname="bench",
+                ipv4=f"{endpoint.ipv4[0]}/8", ipv6=f"{endpoint.ipv6[0]}/48", state="joined",
+                ports=ports,
+            )
+            store.create(endpoint_key("bench", record.id), dumps(record.to_dict()))
+        with namespace() as ns:
+            writer = PolicyWriter(netns=ns)
+            times = []
+            for _ in range(2):
+                started = time.perf_counter()
+                policy = HostPolicy("bench").load(store).policy()
+                writer.resync(policy)
+                times.append(time.perf_counter() - started)
+                assert not policy.warnings, policy.warnings[:3]
+        store.close()
+    return times[0], times[1]
+
+
+def build_model(endpoints: list[Endpoint], profiles: dict[str, Profile],
+                mappings: list[PortMapping]) -> PolicyModel:
+    model = PolicyModel()
+    for profile in profiles.values():
+        model.set_profile(profile)
+    model.set_pools(POOLS)
+    for endpoint in endpoints:
+        model.set_endpoint(endpoint)
+    model.set_port_mappings(mappings)
+    return model
+
 
 def measure(size: int, additions: int, naive_full_max: int,
             naive_rate: list[tuple[int, float]]) -> Result:
     rng = random.Random(size)
     profiles = make_profiles()
-    networks = make_networks(profiles, rng)
+    networks = make_networks(profiles, random.Random(0))  # the same at every size
     endpoints = [make_endpoint(i, networks, rng) for i in range(size)]
     mappings = make_mappings(endpoints)
     started = time.perf_counter()
-    policy = compile_policy(endpoints, profiles, POOLS, mappings)
-    full_compile = time.perf_counter() - started
-    assert not policy.warnings, policy.warnings[:3]
+    base = compile_policy(endpoints, profiles, POOLS, mappings)
+    compile_s = time.perf_counter() - started
+    assert not base.warnings, base.warnings[:3]
+    model = build_model(endpoints, profiles, mappings)
+    policy = model.policy()
+    assert policy.v4 == base.v4 and policy.v6 == base.v6
 
     with namespace() as ns:
         writer = PolicyWriter(netns=ns)
@@ -354,32 +455,50 @@ def measure(size: int, additions: int, naive_full_max: int,
         assert writer.hooks_intact()
         intact = time.perf_counter() - started
         rules = kernel_rules(ns)
+        members = kernel_set_members(ns)
 
-        # (a): the agent's path, with a compile cache primed by the policy at N.
-        cache = CompileCache()
-        compile_policy(endpoints, profiles, POOLS, mappings, cache=cache)
-        compile_ms, uncached_ms, writer_ms = [], [], []
+        # (a): the agent's path: the model takes the new endpoint, the writer the
+        # resulting state (set members only).
+        model_ms, writer_ms, whole_ms = [], [], []
         current = list(endpoints)
         for k in range(additions):
-            current.append(make_endpoint(size + k, networks, rng))
+            endpoint = make_endpoint(size + k, networks, rng)
+            current.append(endpoint)
             started = time.perf_counter()
-            grown = compile_policy(current, profiles, POOLS, mappings, cache=cache)
+            model.set_endpoint(endpoint)
+            grown = model.policy()
             compiled = time.perf_counter()
             report = writer.apply(grown)
             applied = time.perf_counter()
-            assert not report.full and report.chains_written, report
-            compile_ms.append((compiled - started) * 1000)
+            assert not report.full and not report.chains_written and report.sets_written, report
+            model_ms.append((compiled - started) * 1000)
             writer_ms.append((applied - compiled) * 1000)
             started = time.perf_counter()
             compile_policy(current, profiles, POOLS, mappings)
-            uncached_ms.append((time.perf_counter() - started) * 1000)
+            whole_ms.append((time.perf_counter() - started) * 1000)
+            policy = grown
+
+        # (a) with a published port: a DNAT rule and a forward accept (iptables).
+        published_ms = []
+        for k in range(additions, additions + 3):
+            endpoint = make_endpoint(size + k, networks, rng)
+            current.append(endpoint)
+            started = time.perf_counter()
+            model.set_endpoint(endpoint, port_mappings=[
+                PortMapping(endpoint.ipv4[0], "tcp", 30000 + k, 80)])
+            grown = model.policy()
+            report = writer.apply(grown)
+            published_ms.append((time.perf_counter() - started) * 1000)
+            assert not report.full and report.chains_written, report
             policy = grown
 
         # (a) naive: the next additions, one command per rule and set member.
         naive_ms, naive_counts = [], []
-        for k in range(additions, additions + max(3, additions // 2)):
-            current.append(make_endpoint(size + k, networks, rng))
-            grown = compile_policy(current, profiles, POOLS, mappings, cache=cache)
+        for k in range(additions + 3, additions + 3 + max(3, additions // 2)):
+            endpoint = make_endpoint(size + k, networks, rng)
+            current.append(endpoint)
+            model.set_endpoint(endpoint)
+            grown = model.policy()
             commands = [c for v in (4, 6)
                         for c in naive_delta_commands(policy.family(v), grown.family(v))]
             naive_ms.append(run_commands(ns, commands) * 1000)
@@ -387,12 +506,11 @@ def measure(size: int, additions: int, naive_full_max: int,
             policy = grown
         writer.remove_all()
 
+    agent_cold, agent_warm = agent_resync(endpoints, profiles, networks)
+
     # (b) naive: everything, one command each, into an empty namespace.
-    base = compile_policy(endpoints, profiles, POOLS, mappings)
     commands = naive_full_commands(base)
-    # What one command costs at this size (from the naive additions above): a commit
-    # gets slower as the table grows, so this predicts the full run better than a
-    # line through the smaller sizes.
+    # What one command costs at this size (from the naive additions above).
     per_command = statistics.median(naive_ms) / 1000 / statistics.median(naive_counts)
     predicted = per_command * len(commands)
     if size <= naive_full_max and (predicted <= NAIVE_FULL_LIMIT or not naive_rate):
@@ -401,20 +519,19 @@ def measure(size: int, additions: int, naive_full_max: int,
         naive_rate.append((len(commands), naive_full))
         extrapolated = False
     else:
-        # Linear in the number of commands from the largest size measured: a lower
-        # bound (the per-command cost grows with the table).
+        # Linear in the number of commands from the largest size measured.
         measured_commands, measured_seconds = naive_rate[-1]
         naive_full = measured_seconds * len(commands) / measured_commands
         extrapolated = True
 
     return Result(
-        endpoints=size, rules=rules, compiled_rules=base.v4.rule_count() + base.v6.rule_count(),
-        full_compile_s=full_compile,
-        add_compile_ms=statistics.median(compile_ms),
-        add_compile_uncached_ms=statistics.median(uncached_ms),
-        add_writer_ms=statistics.median(writer_ms),
+        endpoints=size, rules=rules, members=members,
+        model_ms=statistics.median(model_ms), writer_ms=statistics.median(writer_ms),
+        writer_max_ms=max(writer_ms), published_ms=statistics.median(published_ms),
+        whole_compile_ms=statistics.median(whole_ms),
         add_naive_ms=statistics.median(naive_ms),
         add_naive_commands=round(statistics.median(naive_counts)),
+        compile_s=compile_s, agent_cold_s=agent_cold, agent_warm_s=agent_warm,
         cold_s=cold, warm_s=warm, intact_ms=intact * 1000,
         naive_full_s=naive_full, naive_full_commands=len(commands),
         naive_extrapolated=extrapolated, naive_predicted_s=predicted,
@@ -423,42 +540,41 @@ def measure(size: int, additions: int, naive_full_max: int,
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| endpoints | (c) iptables rules, v4+v6 | (a) compile ms | (a) writer ms "
-        "| (a) total ms | (a) naive ms (commands) | (a) naive / writer | (b) resync cold s "
-        "| (b) resync warm s | (b) naive s (commands) | (b) naive / cold |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| endpoints | (c) iptables rules, v4+v6 | (c) set members, v4+v6 | (a) model ms "
+        "| (a) writer ms | (a) total ms | (a) naive ms (commands) | (a) naive / total "
+        "| (b) compile s | (b) resync cold s | (b) resync warm s | (b) naive s (commands) "
+        "| (b) naive / (compile + cold) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        total = r.add_compile_ms + r.add_writer_ms
         naive = f"{r.naive_full_s:.1f}"
         if r.naive_extrapolated:
-            naive = (f">= {r.naive_full_s:.0f} (linear extrapolation; ~{r.naive_predicted_s:.0f} "
+            naive = (f">= {r.naive_full_s:.0f} (extrapolated; ~{r.naive_predicted_s:.0f} "
                      "at this size's cost per command)")
+        full = r.compile_s + r.cold_s
         lines.append(
-            f"| {r.endpoints:,} | {r.rules:,} | {r.add_compile_ms:.1f} | {r.add_writer_ms:.1f} "
-            f"| {total:.1f} | {r.add_naive_ms:.0f} ({r.add_naive_commands}) "
-            f"| {r.add_naive_ms / r.add_writer_ms:.1f} | {r.cold_s:.2f} | {r.warm_s:.2f} "
+            f"| {r.endpoints:,} | {r.rules:,} | {r.members:,} | {r.model_ms:.2f} "
+            f"| {r.writer_ms:.1f} | {r.add_ms:.1f} "
+            f"| {r.add_naive_ms:.0f} ({r.add_naive_commands}) | {r.add_naive_ms / r.add_ms:.1f} "
+            f"| {r.compile_s:.2f} | {r.cold_s:.2f} | {r.warm_s:.2f} "
             f"| {naive} ({r.naive_full_commands:,}) "
-            f"| {'>= ' if r.naive_extrapolated else ''}{r.naive_full_s / r.cold_s:.0f} |"
+            f"| {'>= ' if r.naive_extrapolated else ''}{r.naive_full_s / full:.0f} |"
         )
     return "\n".join(lines)
 
 
 def details(results: list[Result]) -> str:
     lines = [
-        "| endpoints | rules per endpoint | full compile s | (a) compile without cache ms "
-        "| hooks_intact ms |",
-        "|---|---|---|---|---|",
+        "| endpoints | (a) writer slowest ms | (a) with a published port ms "
+        "| (a) compile_policy of all N+1 ms (no model) | (b) agent resync from SQLite, "
+        "cold / warm s | hooks_intact ms |",
+        "|---|---|---|---|---|---|",
     ]
-    first = results[0]
     for r in results:
-        per = (r.rules - first.rules) / (r.endpoints - first.endpoints) if r is not first else 0
         lines.append(
-            f"| {r.endpoints:,} | {per:.1f} | {r.full_compile_s:.2f} "
-            f"| {r.add_compile_uncached_ms:.0f} | {r.intact_ms:.0f} |"
-            if r is not first else
-            f"| {r.endpoints:,} | - | {r.full_compile_s:.2f} "
-            f"| {r.add_compile_uncached_ms:.0f} | {r.intact_ms:.0f} |"
+            f"| {r.endpoints:,} | {r.writer_max_ms:.1f} | {r.published_ms:.1f} "
+            f"| {r.whole_compile_ms:.0f} | {r.agent_cold_s:.2f} / {r.agent_warm_s:.2f} "
+            f"| {r.intact_ms:.0f} |"
         )
     return "\n".join(lines)
 
@@ -477,7 +593,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,5000")
     parser.add_argument("--additions", type=int, default=7)
-    parser.add_argument("--naive-full-max", type=int, default=1000)
+    parser.add_argument("--naive-full-max", type=int, default=5000)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--notes", default="", help="a file whose text follows the tables")
     args = parser.parse_args()

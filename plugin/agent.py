@@ -1,12 +1,16 @@
 """The per-host agent: reconciles this host's kernel to the datastore.
 
-One agent per host. It watches the datastore and, on every relevant change,
-recompiles policy and rewrites only the chains and sets that changed; when this
-host's endpoints change it also converges routes and veths. Every resync
-interval it does all of it from scratch (routes, every chain and set, the hooks
-at the top of FORWARD/INPUT/nat), so a plugin restart, a route deleted by hand,
-a veth left behind by a crash, Docker rewriting FORWARD or someone flushing our
-chains all converge within one interval.
+One agent per host. It keeps this host's policy inputs in memory
+(:class:`plugin.policy.HostPolicy`, a :class:`~profiles.compiler.PolicyModel`) and
+watches the datastore: every relevant event updates the model in place (no
+datastore read, no recompile of all endpoints) and the writer sends the kernel only
+the chains and sets that changed (a new endpoint is only ``ipset add``s). When this
+host's endpoints change it also converges routes and veths. Every resync interval it
+does all of it from scratch (routes; a fresh model from a full datastore read, so a
+missed event cannot last; every chain and set compared with the kernel; the hooks at
+the top of FORWARD/INPUT/nat), so a plugin restart, a route deleted by hand, a veth
+left behind by a crash, Docker rewriting FORWARD or someone flushing our chains all
+converge within one interval.
 """
 
 from __future__ import annotations
@@ -23,16 +27,13 @@ from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
 from plugin.app import build_ipam, build_network_service
-from plugin.policy import compile_host_policy
+from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
 from profiles.iptables import PolicyWriter
 
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 1.0
-# Keys whose changes can change policy; IPAM blocks change on every allocation
-# and never do.
-POLICY_PREFIXES = (ENDPOINTS, NETWORKS, ROOT + "profiles/", ROOT + "pools")
 
 
 class Agent:
@@ -53,6 +54,8 @@ class Agent:
         )
         self._stop = threading.Event()
         self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
+        self._policy = HostPolicy(settings.hostname, policy_settings(settings))
+        self._warnings: set[str] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -66,12 +69,24 @@ class Agent:
                 len(report.routes_added), len(report.routes_removed), len(report.links_removed),
             )
 
+    @property
+    def host_policy(self) -> HostPolicy:
+        return self._policy
+
     def program_policy(self, full: bool) -> None:
+        """Write the model's policy: ``full`` first rebuilds the model from a full
+        datastore read and resyncs the kernel; otherwise only what changed since the
+        last write is written."""
         started = time.monotonic()
-        policy = compile_host_policy(self._store, self._settings)
+        if full or not self._policy.loaded:
+            self._policy.load(self._store)
+        policy = self._policy.policy()
         report = self._writer.resync(policy) if full else self._writer.apply(policy)
+        warnings = set(policy.warnings)
         for warning in policy.warnings:
-            log.warning("policy: %s", warning)
+            if warning not in self._warnings:
+                log.warning("policy: %s", warning)
+        self._warnings = warnings
         log.debug("policy %s in %.1f ms: %s", "resync" if full else "update",
                   (time.monotonic() - started) * 1000, report)
 
@@ -81,13 +96,15 @@ class Agent:
         self.program_policy(full=True)
 
     def handle(self, events: list[Event]) -> None:
+        # Policy first: the events update the model in memory (nothing to fail on
+        # the datastore's side) and enforcement is what a new container waits for.
+        if self._policy.apply_events(events):
+            self.program_policy(full=False)  # loads the model first if it never was
         keys = [event.key for event in events]
         if any(k.startswith(NETWORKS) for k in keys):
             self._networks.resolve_pending_networks()
         if any(k.startswith(self._local_endpoints) for k in keys):
             self.reconcile_routes()
-        if any(k.startswith(POLICY_PREFIXES) for k in keys):
-            self.program_policy(full=False)
 
     def run(self, parent_pid: int | None = None) -> None:
         with self._netlink_factory() as netlink:

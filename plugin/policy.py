@@ -1,79 +1,230 @@
-"""Reads everything policy depends on from the datastore and compiles it.
+"""This host's policy inputs, kept in a :class:`~profiles.compiler.PolicyModel` and
+updated from the datastore's watch events (the agent's path).
 
-The compiler (profiles.compiler) is pure; this module only gathers its inputs:
-this host's endpoints (they get chains), every other host's endpoints (their
-addresses fill tag sets), profiles, pools and published ports.
+The compiler (profiles.compiler) is pure; this module only turns datastore records
+into its inputs:
+
+- ``endpoints/<host>/<id>``: an endpoint; this host's get dispatched through the
+  endpoint sets (with the ports they publish), every other host's only fill tag sets.
+  Its profiles are its network's ``profiles`` (they change when the network's name is
+  resolved); an endpoint whose network record is gone keeps what it was created with.
+- ``networks/<id>``: a network; a change of its profiles re-sets its endpoints.
+- ``profiles/<name>``: a profile; one that cannot be read fails its endpoints closed.
+- ``pools``: the one pools document.
+
+:meth:`HostPolicy.load` reads all of it (the periodic resync: a fresh model, so a
+missed event cannot last); :meth:`HostPolicy.apply_events` applies a watch batch in
+memory, without reading the datastore, in O(what changed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
 
-from datastore.base import Datastore
+from datastore.base import Datastore, Event
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
-from ipam_driver.service import IpamService
+from ipam_driver.pools import PoolSet
+from ipam_driver.service import POOLS_KEY
 from plugin.settings import Settings
 from profiles.compiler import (
     CompiledPolicy,
     Endpoint,
+    PolicyModel,
     PolicySettings,
     Pool,
     PortMapping,
-    compile_policy,
 )
-from profiles.store import ProfileStore
+from profiles.model import Profile
+from profiles.store import PROFILES
+
+log = logging.getLogger(__name__)
+
+# Keys whose changes can change policy; IPAM blocks change on every allocation and
+# never do.
+POLICY_PREFIXES = (ENDPOINTS, NETWORKS, PROFILES, POOLS_KEY)
 
 
-@dataclass
-class PolicyInputs:
-    local: list[Endpoint]
-    remote: list[Endpoint]
-    port_mappings: list[PortMapping]
-    pools: list[Pool]
+def policy_settings(settings: Settings) -> PolicySettings:
+    return PolicySettings(workload_to_host=settings.workload_to_host)
 
 
-def _effective_profiles(record: EndpointRecord, network: NetworkRecord | None) -> list[str]:
-    # The network's profiles are the truth (they change when its name is resolved);
-    # an endpoint of a network that is gone keeps what it was created with.
-    if network is not None:
-        return list(network.profiles)
-    return list(record.profiles)
+def endpoint_port_mappings(record: EndpointRecord) -> list[PortMapping]:
+    """The ports an endpoint publishes, per address family it has."""
+    mappings = []
+    for port in record.ports:
+        for address in (record.ipv4, record.ipv6):
+            if address:
+                mappings.append(PortMapping(
+                    container_ip=address.split("/")[0], protocol=port.protocol,
+                    host_port=port.host_port, container_port=port.container_port,
+                    host_ip=port.host_ip or None,
+                ))
+    return mappings
 
 
-def gather(store: Datastore, hostname: str) -> PolicyInputs:
-    networks = {e.data["id"]: NetworkRecord.from_dict(e.data) for e in store.list(NETWORKS)}
-    local: list[Endpoint] = []
-    remote: list[Endpoint] = []
-    mappings: list[PortMapping] = []
-    for entry in store.list(ENDPOINTS):
-        record = EndpointRecord.from_dict(entry.data)
+def parse_pools(data: Any) -> list[Pool]:
+    return [Pool(pool.cidr, pool.nat_outgoing) for pool in PoolSet.from_dict(data).pools]
+
+
+class HostPolicy:
+    """The policy inputs of one host (``hostname``), as a model kept up to date."""
+
+    def __init__(self, hostname: str, settings: PolicySettings | None = None) -> None:
+        self.hostname = hostname
+        self._settings = settings or PolicySettings()
+        self.loaded = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.model = PolicyModel(self._settings)
+        # network id -> its profiles (() when its record cannot be read: fail closed)
+        self._networks: dict[str, tuple[str, ...]] = {}
+        # endpoint model id ("<host>/<id>") -> (record, local)
+        self._endpoints: dict[str, tuple[EndpointRecord, bool]] = {}
+        self._by_network: dict[str, set[str]] = {}
+
+    # -- whole reads and events --------------------------------------------------------------
+
+    def load(self, store: Datastore) -> HostPolicy:
+        """Rebuild everything from a full read of the datastore."""
+        profiles = store.list(PROFILES)
+        pools = store.get(POOLS_KEY)
+        networks = store.list(NETWORKS)
+        endpoints = store.list(ENDPOINTS)
+        self._reset()
+        self.loaded = True
+        # Profiles and networks first, so each endpoint is set once, complete.
+        for entry in (*profiles, *([pools] if pools is not None else []), *networks,
+                      *endpoints):
+            self._put(entry.key, entry.value)
+        return self
+
+    def apply_events(self, events: Iterable[Event]) -> bool:
+        """Apply a batch of watch events; True if any of them concerns policy."""
+        changed = False
+        for event in events:
+            if not event.key.startswith(POLICY_PREFIXES):
+                continue
+            changed = True
+            if event.kind == "delete" or event.value is None:
+                self._delete(event.key)
+            else:
+                self._put(event.key, event.value)
+        return changed
+
+    def policy(self) -> CompiledPolicy:
+        return self.model.policy()
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _put(self, key: str, value: str) -> None:
+        try:
+            data = json.loads(value)
+        except ValueError as exc:
+            data = exc
+        if key.startswith(ENDPOINTS):
+            self._put_endpoint(key, data)
+        elif key.startswith(NETWORKS):
+            self._put_network(key[len(NETWORKS):], data)
+        elif key.startswith(PROFILES):
+            self._put_profile(key[len(PROFILES):], data)
+        elif key == POOLS_KEY:
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                pools = parse_pools(data)
+            except Exception as exc:  # noqa: BLE001 - a bad document: no pools
+                log.warning("policy: pools document unreadable, treated as empty: %s", exc)
+                pools = []
+            self.model.set_pools(pools)
+
+    def _delete(self, key: str) -> None:
+        if key.startswith(ENDPOINTS):
+            model_id = key[len(ENDPOINTS):]
+            found = self._endpoints.pop(model_id, None)
+            if found is not None:
+                self._forget_network_member(found[0].network_id, model_id)
+            self.model.remove_endpoint(model_id)
+        elif key.startswith(NETWORKS):
+            network_id = key[len(NETWORKS):]
+            if self._networks.pop(network_id, None) is not None:
+                self._refresh_network(network_id)
+        elif key.startswith(PROFILES):
+            self.model.remove_profile(key[len(PROFILES):])
+        elif key == POOLS_KEY:
+            self.model.set_pools(())
+
+    def _forget_network_member(self, network_id: str, model_id: str) -> None:
+        holders = self._by_network.get(network_id)
+        if holders is not None:
+            holders.discard(model_id)
+            if not holders:
+                del self._by_network[network_id]
+
+    def _put_endpoint(self, key: str, data: Any) -> None:
+        model_id = key[len(ENDPOINTS):]
+        host = model_id.split("/", 1)[0]
+        try:
+            if isinstance(data, Exception):
+                raise data
+            record = EndpointRecord.from_dict(data)
+        except Exception as exc:  # noqa: BLE001 - unreadable: forget it (fail closed)
+            log.warning("policy: endpoint record %s unreadable, ignored: %s", key, exc)
+            self._delete(key)
+            return
+        previous = self._endpoints.get(model_id)
+        if previous is not None and previous[0].network_id != record.network_id:
+            self._forget_network_member(previous[0].network_id, model_id)
+        self._endpoints[model_id] = (record, host == self.hostname)
+        self._by_network.setdefault(record.network_id, set()).add(model_id)
+        self._set_endpoint(model_id)
+
+    def _set_endpoint(self, model_id: str) -> None:
+        record, local = self._endpoints[model_id]
+        profiles = self._networks.get(record.network_id)
         endpoint = Endpoint(
-            id=record.id,
+            id=model_id,
             iface=record.host_ifname,
             ipv4=(record.ipv4,) if record.ipv4 else (),
             ipv6=(record.ipv6,) if record.ipv6 else (),
-            profiles=tuple(_effective_profiles(record, networks.get(record.network_id))),
+            profiles=tuple(record.profiles) if profiles is None else profiles,
         )
-        if record.hostname != hostname:
-            remote.append(endpoint)
-            continue
-        local.append(endpoint)
-        for port in record.ports:
-            for address in (record.ipv4, record.ipv6):
-                if address:
-                    mappings.append(PortMapping(
-                        container_ip=address.split("/")[0], protocol=port.protocol,
-                        host_port=port.host_port, container_port=port.container_port,
-                        host_ip=port.host_ip or None,
-                    ))
-    pools = [Pool(p.cidr, p.nat_outgoing) for p in IpamService(store, hostname).get_pools()]
-    return PolicyInputs(local, remote, mappings, pools)
+        self.model.set_endpoint(
+            endpoint, local=local,
+            port_mappings=endpoint_port_mappings(record) if local else (),
+        )
+
+    def _put_network(self, network_id: str, data: Any) -> None:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            profiles = tuple(NetworkRecord.from_dict(data).profiles)
+        except Exception as exc:  # noqa: BLE001 - unreadable: its endpoints fail closed
+            log.warning("policy: network record %s unreadable; its endpoints fail closed: %s",
+                        network_id, exc)
+            profiles = ()
+        if self._networks.get(network_id) != profiles:
+            self._networks[network_id] = profiles
+            self._refresh_network(network_id)
+
+    def _refresh_network(self, network_id: str) -> None:
+        for model_id in sorted(self._by_network.get(network_id, ())):
+            self._set_endpoint(model_id)
+
+    def _put_profile(self, name: str, data: Any) -> None:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            profile = Profile.from_dict(data)
+        except Exception as exc:  # noqa: BLE001 - unreadable: its endpoints fail closed
+            self.model.set_invalid_profile(name, str(exc))
+            return
+        self.model.set_profile(profile, name=name)
 
 
 def compile_host_policy(store: Datastore, settings: Settings) -> CompiledPolicy:
-    inputs = gather(store, settings.hostname)
-    profiles = {p.name: p for p in ProfileStore(store).list()}
-    return compile_policy(
-        inputs.local, profiles, inputs.pools, inputs.port_mappings,
-        PolicySettings(workload_to_host=settings.workload_to_host), inputs.remote,
-    )
+    """This host's policy from a full read of the datastore."""
+    return HostPolicy(settings.hostname, policy_settings(settings)).load(store).policy()

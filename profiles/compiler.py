@@ -1,6 +1,16 @@
 """Compile endpoints, profiles, pools and published ports into desired iptables chains
 and ipsets, per IP family. Pure: no I/O, no kernel, no datastore.
 
+Two ways in, one output (:class:`CompiledPolicy`: per family a :class:`DesiredState`
+of tables, ipsets and hooks):
+
+* :class:`PolicyModel` holds the inputs and is updated one change at a time
+  (``set_endpoint``, ``remove_endpoint``, ``set_profile``, ``remove_profile``,
+  ``set_pools``, ``set_port_mappings``, ``set_settings``); ``policy()`` is cheap: it
+  never loops over the endpoints (see "Cost" below). The per-host agent keeps one.
+* :func:`compile_policy` is the whole-input function: a fresh model fed everything.
+  Both give equal states for equal inputs, whatever the order of the changes.
+
 ``profiles.iptables`` (the writer) feeds the output to the kernel:
 
 1. ``render_ipset_restore(...)`` text -> ``ipset restore`` (creates/updates the sets
@@ -26,13 +36,10 @@ Naming (every chain starts with ``cali-``; chains <= 28 characters, sets <= 31):
 
     filter  cali-FORWARD            conntrack, then dispatch by interface (-i/-o cali+)
             cali-INPUT              workload -> host: conntrack, IPv6 NDP, then the action
-            cali-from-wl-dispatch   -i <iface> -g cali-fw-<suffix>, ..., -j DROP
-            cali-to-wl-dispatch     -o <iface> -g cali-tw-<suffix>, ..., -j DROP
-            cali-fwd-<chars>        dispatch subtrees (see below), ending in DROP
-            cali-twd-<chars>
-            cali-fw-<suffix>        from workload: anti-spoof, -g cali-plo-<profiles>
-            cali-tw-<suffix>        to workload: published ports, -g cali-pli-<profiles>
-            cali-sp-<suffix>        anti-spoof for an endpoint with several addresses
+            cali-from-wl-dispatch   per profile list: -m set --match-set cali4-e-<profiles>
+                                    src,src -g cali-plo-<profiles>; ...; -j DROP
+            cali-to-wl-dispatch     published-port accepts, then per profile list:
+                                    ... dst,dst -g cali-pli-<profiles>; ...; -j DROP
             cali-pli-<profiles>     inbound profiles of a profile list, in order, DROP
             cali-plo-<profiles>     outbound profiles of a profile list, in order, DROP
             cali-pi-<profile>       a profile's inbound rules
@@ -41,55 +48,62 @@ Naming (every chain starts with ``cali-``; chains <= 28 characters, sets <= 31):
     nat     cali-PREROUTING         DNAT for published ports (hook: dst-type LOCAL)
             cali-OUTPUT             the same for connections made on the host
             cali-POSTROUTING        MASQUERADE nat-outgoing pools, never between pools
-    ipsets  cali4-t-<tag>   cali6-t-<tag>    hash:ip, addresses of endpoints with the tag
+    ipsets  cali4-e-<profiles>  cali6-e-<profiles>   hash:net,iface: (address, host
+                                    interface) of this host's endpoints with that list
+            cali4-t-<tag>   cali6-t-<tag>    hash:ip, addresses of endpoints with the tag
             cali4-p-all     cali6-p-all      hash:net, every pool
             cali4-p-masq    cali6-p-masq     hash:net, pools with nat_outgoing
 
-``<suffix>`` is the interface name without the ``cali`` prefix (Docker's veths are
-``cali`` + 11 characters of the endpoint ID); ``<profile>``/``<tag>`` are the names;
-``<profiles>`` is an endpoint's profile names joined by commas (hashed unless it is
-one name).
-A name that would be too long (or has characters outside ``[A-Za-z0-9_.-]``) becomes
+``<profile>``/``<tag>`` are the names; ``<profiles>`` is an endpoint's profile names
+joined by commas (hashed unless it is one name): a "profile list". A name that would be
+too long (or has characters outside ``[A-Za-z0-9_.-]``) becomes
 ``<prefix>_<first 16 base32 characters of sha256(name)>``, e.g. ``cali-pi_mfrggzdfmztwq2lk``:
 deterministic, and the ``_`` keeps it apart from every readable name.
 
-Policy semantics (the profile, profile-list and endpoint chains): the endpoint chain
-does its own checks (anti-spoof, published ports) and goes (``-g``) to the chain of
-its profile list, shared by every endpoint with the same profiles in the same order.
-That chain clears the mark bit, then for each profile in order jumps to the profile
-chain and RETURNs (to ``cali-FORWARD``, which then accepts unless the other
-endpoint's chain drops) when the bit is set. In a profile chain an ``allow`` rule does
-``-g cali-allow`` (sets the bit; the end of cali-allow returns straight to the
-profile-list chain), a ``deny`` rule does ``-j DROP`` (final), and falling off the end
-returns with the bit clear, so the next profile is tried. After the last profile:
-``-j DROP``. Endpoint chains never copy profile rules, and per endpoint there are only
-its 1-3 own rules plus its dispatch rule per direction: the rule count is linear in
-endpoints + profile lists + profile rules. (Few rules per endpoint matter on the
-nf_tables backend: every commit re-validates the whole ruleset reachable from the
-hooks, so its cost grows with the total rule count.)
+Endpoint dispatch with sets: Docker attaches profiles per network, so the endpoints
+of a network share one profile list. For each list in use there is one
+``hash:net,iface`` set per family whose members are ``<address>,<host interface>`` of
+every local endpoint with that list. From a workload, ``--match-set S src,src``
+matches the source address *and* the incoming interface: it picks the endpoint's
+profile list and is the anti-spoofing check in one (a container sending from an
+address that is not its own, or a neighbour's, is in no set). To a workload,
+``dst,dst`` matches the destination address and the outgoing interface. Whatever
+comes from or goes to ``cali+`` and matches no set drops. So an endpoint is only set
+members: adding one is ``ipset add`` per address, never an iptables commit, and the
+rule count does not grow with endpoints (only with profiles, rules, profile lists and
+published ports). ``cali-INPUT`` (workload to host, when not simply dropped) goes
+through the same from-workload dispatch.
 
-Dispatch: the dispatch chains match interface names as a prefix tree. A chain holds at
-most :data:`DISPATCH_LEAF` direct ``-i <iface> -g <chain>`` rules; above that it
-branches on the next character of the name (``-i cali3+ -g cali-fwd-3``). A new
-connection walks one path of the tree, and adding an endpoint rewrites only the
-chains on its path.
+Policy semantics: the profile-list chain clears the mark bit, then for each profile
+in order jumps to the profile chain and RETURNs (to ``cali-FORWARD``, which then
+accepts unless the other endpoint's dispatch drops) when the bit is set. In a profile
+chain an ``allow`` rule does ``-g cali-allow`` (sets the bit; the end of cali-allow
+returns straight to the profile-list chain), a ``deny`` rule does ``-j DROP``
+(final), and falling off the end returns with the bit clear, so the next profile is
+tried. After the last profile: ``-j DROP``.
 
-Fail closed: an endpoint whose profile is missing or invalid, whose interface name is
-unusable or whose address does not parse gets DROP-only chains
-(:func:`fail_closed_chains`); an interface with no chain at all falls off the
-dispatch chains into DROP.
+Fail closed: an endpoint whose profile is missing or fails to render, that has no
+profile, whose interface name is unusable or shared with another endpoint, or whose
+address does not parse is simply in no endpoint set, so everything from and to its
+interface drops. Such problems never raise: they are listed in ``warnings``.
+
+Cost: ``set_endpoint`` is O(its addresses x its tags); a profile change re-renders
+that profile and, only if its tags changed, revisits the endpoints carrying it;
+``policy()`` is O(profiles + profile lists + tags + published ports) plus rebuilding
+the frozensets of the sets that changed since the last call. Unchanged chains and
+sets come back as the same objects, so :func:`diff` is cheap too.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import netaddr
 
@@ -109,12 +123,12 @@ from profiles.model import (
 FILTER = "filter"
 NAT = "nat"
 TABLES = (FILTER, NAT)
+FAMILIES = (4, 6)
 
 CHAIN_PREFIX = "cali-"
 MAX_CHAIN_NAME = 28  # XT_EXTENSION_MAXNAMELEN - 1
 MAX_SET_NAME = 31  # IPSET_MAXNAMELEN - 1
 MULTIPORT_MAX = 15  # a range takes two of the 15 slots
-DISPATCH_LEAF = 32
 DEFAULT_MARK = 0x1000000
 IPSET_MAXELEM = 1048576
 
@@ -127,17 +141,15 @@ PREROUTING_CHAIN = "cali-PREROUTING"
 OUTPUT_CHAIN = "cali-OUTPUT"
 POSTROUTING_CHAIN = "cali-POSTROUTING"
 
+ENDPOINT_SET_TYPE = "hash:net,iface"
 WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
 PORT_MAPPING_PROTOCOLS = ("tcp", "udp", "sctp")
 # ICMPv6 a workload must be able to send to its host: MLD (130-132, 143), router
 # solicitation (133), neighbour solicitation/advertisement (135, 136).
 NDP_ICMPV6_TYPES = (130, 131, 132, 133, 135, 136, 143)
 
-_V = TypeVar("_V")
-_MISSING: Any = object()
 _SAFE = re.compile(r"[A-Za-z0-9_.-]+")
 _IFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-_FAIL_CLOSED = '-m comment --comment "calico-cnm: no usable policy, fail closed" -j DROP'
 
 
 # --- names -------------------------------------------------------------------------
@@ -174,6 +186,16 @@ def profile_list_chain_name(profiles: Sequence[str], inbound: bool) -> str:
     return chain_name("pli" if inbound else "plo", ",".join(profiles))
 
 
+def endpoint_set_name(profiles: Sequence[str], version: int) -> str:
+    """The ``hash:net,iface`` set of the local endpoints with this profile list."""
+    return set_name(version, "e", ",".join(profiles))
+
+
+def endpoint_set_member(address: str, iface: str) -> str:
+    """A member of an endpoint set, as ``ipset`` writes it: ``10.0.0.5,cali0123``."""
+    return f"{address},{iface}"
+
+
 def tag_set_name(tag: str, version: int) -> str:
     return set_name(version, "t", tag)
 
@@ -181,20 +203,6 @@ def tag_set_name(tag: str, version: int) -> str:
 def pool_set_names(version: int) -> tuple[str, str]:
     """(every pool, nat-outgoing pools)."""
     return f"cali{version}-p-all", f"cali{version}-p-masq"
-
-
-def _iface_suffix(iface: str, prefix: str) -> str:
-    return iface[len(prefix):] if iface.startswith(prefix) else iface
-
-
-def endpoint_chain_names(iface: str, iface_prefix: str = "cali") -> tuple[str, str]:
-    """(to-workload chain, from-workload chain) of an endpoint's host interface."""
-    suffix = _iface_suffix(iface, iface_prefix)
-    return chain_name("tw", suffix), chain_name("fw", suffix)
-
-
-def antispoof_chain_name(iface: str, iface_prefix: str = "cali") -> str:
-    return chain_name("sp", _iface_suffix(iface, iface_prefix))
 
 
 def is_own_chain(name: str) -> bool:
@@ -263,7 +271,8 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class IpSet:
-    """type: "hash:ip" | "hash:net"; family: "inet" | "inet6"; members in canonical form."""
+    """type: "hash:ip" | "hash:net" | "hash:net,iface"; family: "inet" | "inet6";
+    members in canonical form ("10.0.0.5", "10.0.0.0/8", "10.0.0.5,cali0123")."""
 
     type: str
     family: str
@@ -280,7 +289,10 @@ class Hook(NamedTuple):
 
 @dataclass
 class DesiredState:
-    """Everything one IP family needs. ``tables[table][chain]`` is the chain's rules."""
+    """Everything one IP family needs. ``tables[table][chain]`` is the chain's rules.
+
+    Never mutate a state (or its lists) that a compile returned: the model hands the
+    same objects out again for what did not change."""
 
     version: int
     tables: dict[str, dict[str, list[str]]]
@@ -312,50 +324,6 @@ class CompiledPolicy:
     def warnings(self) -> list[str]:
         """Problems found (shared by both families), e.g. a missing profile."""
         return self.v4.warnings
-
-
-class CompileCache:
-    """What earlier :func:`compile_policy` calls computed, reused by the next call when
-    the inputs it came from are unchanged: parsed endpoint addresses, rendered profiles
-    (compared with a snapshot, so a profile changed in place is noticed), endpoint
-    chains and dispatch subtrees. Compiling N+1 endpoints after N then costs a few
-    milliseconds instead of re-rendering all of them, and unchanged chains come back
-    as the same list objects, which makes :func:`diff` cheap.
-
-    The output is the same with or without a cache. Each call keeps only what it
-    used, so the cache follows the policy's size. One cache per caller (not
-    thread-safe); never mutate the states a cached compile returns.
-    """
-
-    def __init__(self) -> None:
-        self._previous: dict[Hashable, Any] = {}
-        self._current: dict[Hashable, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self._current) + len(self._previous)
-
-    def get(self, key: Hashable, compute: Callable[[], _V]) -> _V:
-        value = self.lookup(key)
-        if value is _MISSING:
-            value = self._current[key] = compute()
-        return value
-
-    def lookup(self, key: Hashable) -> Any:
-        """The value kept for ``key`` (now kept for the next call too), or _MISSING."""
-        value = self._current.get(key, _MISSING)
-        if value is _MISSING:
-            value = self._previous.pop(key, _MISSING)
-            if value is not _MISSING:
-                self._current[key] = value
-        return value
-
-    def store(self, key: Hashable, value: Any) -> None:
-        self._current[key] = value
-
-    def finish(self) -> None:
-        """End of a compile: forget what it did not use."""
-        self._previous = self._current
-        self._current = {}
 
 
 # --- rule rendering ------------------------------------------------------------------
@@ -467,234 +435,6 @@ def render_profile_chains(profile: Profile, version: int) -> dict[str, list[str]
     }
 
 
-# --- endpoints -----------------------------------------------------------------------
-
-
-def fail_closed_chains(
-    endpoint: Endpoint, settings: PolicySettings | None = None
-) -> dict[str, list[str]]:
-    """DROP-only to/from chains for an endpoint whose policy cannot be rendered."""
-    prefix = (settings or PolicySettings()).iface_prefix
-    to_chain, from_chain = endpoint_chain_names(endpoint.iface, prefix)
-    return {to_chain: [_FAIL_CLOSED], from_chain: [_FAIL_CLOSED]}
-
-
-def _parse_addresses(values: Iterable[str], version: int) -> list[str]:
-    """Canonical addresses (prefix stripped); raises ValueError on a bad one."""
-    result = []
-    for value in values:
-        address = ipaddress.ip_address(str(value).split("/", 1)[0])
-        if address.version != version:
-            raise ValueError(f"{value} is not an IPv{version} address")
-        result.append(str(address))
-    return result
-
-
-class _Context:
-    """Per-compile caches: profile validity, rendered profile chains, jump lists."""
-
-    def __init__(
-        self,
-        profiles: Mapping[str, Profile],
-        settings: PolicySettings,
-        cache: CompileCache | None = None,
-    ) -> None:
-        self.profiles = profiles
-        self.settings = settings
-        self.cache = cache
-        self.mark = f"{settings.mark:#x}"
-        self._problems: dict[str, str | None] = {}
-        self._rendered: dict[tuple[str, int], dict[str, list[str]]] = {}
-        self._lists: dict[tuple[tuple[str, ...], bool], tuple[str, list[str]]] = {}
-
-    def profile_problem(self, name: str) -> str | None:
-        """Why a profile cannot be used (None if it can); renders it once per family."""
-        if name in self._problems:
-            return self._problems[name]
-        problem: str | None = None
-        profile = self.profiles.get(name) if isinstance(name, str) else None
-        if profile is None:
-            problem = f"profile {name!r} does not exist"
-        else:
-            cached = self.cache.lookup(("profile", name)) if self.cache is not None else None
-            try:
-                if cached is None or cached is _MISSING or cached[0] != profile:
-                    cached = None
-            except Exception:  # noqa: BLE001 - an odd object: render it again
-                cached = None
-            if cached is not None:
-                problem, rendered = cached[1], cached[2]
-            else:
-                rendered = {}
-                try:
-                    check_name(name, "profile name")
-                    if profile.name != name:
-                        raise InvalidRequest(f"is stored under the name {name!r}")
-                    for version in (4, 6):
-                        rendered[version] = render_profile_chains(profile, version)
-                except Exception as exc:  # noqa: BLE001 - any failure must fail closed
-                    problem = f"profile {name!r} cannot be rendered: {exc}"
-                if self.cache is not None:
-                    try:
-                        snapshot = copy.deepcopy(profile)
-                    except Exception:  # noqa: BLE001 - not cached then
-                        pass
-                    else:
-                        self.cache.store(("profile", name), (snapshot, problem, rendered))
-            if problem is None:
-                for version in (4, 6):
-                    self._rendered[name, version] = rendered[version]
-        self._problems[name] = problem
-        return problem
-
-    def profile_chains(self, name: str, version: int) -> dict[str, list[str]]:
-        return self._rendered[name, version]
-
-    def profile_list(self, names: tuple[str, ...], inbound: bool) -> tuple[str, list[str]]:
-        """(name, rules) of the chain that tries the profiles in order, then drops."""
-        key = (names, inbound)
-        found = self._lists.get(key)
-        if found is None:
-            check = f"-m mark --mark {self.mark}/{self.mark} -j RETURN"
-            lines = [f"-j MARK --set-xmark 0x0/{self.mark}"]
-            for name in names:
-                chains = profile_chain_names(name)
-                lines += [f"-j {chains[0] if inbound else chains[1]}", check]
-            lines.append("-j DROP")
-            found = (profile_list_chain_name(names, inbound), lines)
-            if self.cache is not None:
-                found = self.cache.get(("list", self.mark, names, inbound), lambda: found)
-            self._lists[key] = found
-        return found
-
-
-@dataclass
-class _Local:
-    endpoint: Endpoint
-    to_chain: str
-    from_chain: str
-    addresses: dict[int, list[str]]
-    profiles: tuple[str, ...]
-    problem: str | None
-
-
-def _endpoint_basics(
-    endpoint: Endpoint, prefix: str
-) -> tuple[str, str, dict[int, list[str]], str | None, tuple[str, ...]]:
-    """(to chain, from chain, addresses, address problem, profile names)."""
-    to_chain, from_chain = endpoint_chain_names(endpoint.iface, prefix)
-    problem: str | None = None
-    addresses: dict[int, list[str]] = {4: [], 6: []}
-    try:
-        addresses = {4: _parse_addresses(endpoint.ipv4, 4), 6: _parse_addresses(endpoint.ipv6, 6)}
-    except ValueError as exc:
-        problem = f"bad address: {exc}"
-    return to_chain, from_chain, addresses, problem, tuple(dict.fromkeys(endpoint.profiles))
-
-
-def _prepare_local(endpoint: Endpoint, ctx: _Context) -> _Local:
-    prefix = ctx.settings.iface_prefix
-    basics: tuple[str, str, dict[int, list[str]], str | None, tuple[str, ...]] | None = None
-    if ctx.cache is not None:
-        try:
-            key = (
-                "endpoint", prefix, endpoint.id, endpoint.iface, tuple(endpoint.ipv4),
-                tuple(endpoint.ipv6), tuple(endpoint.profiles),
-            )
-            hash(key)
-        except TypeError:
-            pass
-        else:
-            basics = ctx.cache.get(key, lambda: _endpoint_basics(endpoint, prefix))
-    if basics is None:
-        basics = _endpoint_basics(endpoint, prefix)
-    to_chain, from_chain, addresses, problem, names = basics
-    if problem is None:
-        for name in names:
-            problem = ctx.profile_problem(name)
-            if problem is not None:
-                break
-    return _Local(endpoint, to_chain, from_chain, addresses, names, problem)
-
-
-def _iface_problem(iface: str, prefix: str) -> str | None:
-    if not isinstance(iface, str) or not _IFACE.fullmatch(iface):
-        return f"interface name {iface!r} is not usable"
-    if not iface.startswith(prefix) or iface == prefix:
-        return f"interface name {iface!r} does not start with {prefix!r} (plus a suffix)"
-    return None
-
-
-def _endpoint_chains(
-    local: _Local, version: int, ctx: _Context, accepts: Sequence[str]
-) -> dict[str, list[str]]:
-    if ctx.cache is None:
-        return _render_endpoint(local, version, ctx, accepts)
-    key = (
-        "chains", version, ctx.mark, ctx.settings.iface_prefix, local.endpoint.iface,
-        tuple(local.addresses[version]), local.profiles, local.problem, tuple(accepts),
-    )
-    return ctx.cache.get(key, lambda: _render_endpoint(local, version, ctx, accepts))
-
-
-def _render_endpoint(
-    local: _Local, version: int, ctx: _Context, accepts: Sequence[str]
-) -> dict[str, list[str]]:
-    if local.problem is not None:
-        return {local.to_chain: [_FAIL_CLOSED], local.from_chain: [_FAIL_CLOSED]}
-    addresses = local.addresses[version]
-    if not addresses:
-        # No address in this family: nothing legitimate flows either way.
-        return {local.to_chain: ["-j DROP"], local.from_chain: ["-j DROP"]}
-    host = "/32" if version == 4 else "/128"
-    chains: dict[str, list[str]] = {}
-    if len(addresses) == 1:
-        spoof = [f"! -s {addresses[0]}{host} -j DROP"]
-    else:
-        spoof_chain = antispoof_chain_name(local.endpoint.iface, ctx.settings.iface_prefix)
-        chains[spoof_chain] = [f"-s {a}{host} -j RETURN" for a in addresses] + ["-j DROP"]
-        spoof = [f"-j {spoof_chain}"]
-    for inbound in (True, False):
-        name, rules = ctx.profile_list(local.profiles, inbound)
-        chains[name] = rules
-        if inbound:
-            chains[local.to_chain] = [*accepts, f"-g {name}"]
-        else:
-            chains[local.from_chain] = [*spoof, f"-g {name}"]
-    return chains
-
-
-def render_endpoint_chains(
-    endpoint: Endpoint,
-    profiles: Mapping[str, Profile],
-    version: int = 4,
-    settings: PolicySettings | None = None,
-    port_mappings: Sequence[PortMapping] = (),
-) -> dict[str, list[str]]:
-    """The to/from chains (and anti-spoof chain) of one endpoint in one family, with
-    the profile-list chains they go to.
-
-    Never raises and never leaves a chain out: when a profile is missing or fails to
-    render, or anything else about the endpoint is unusable, the result is
-    :func:`fail_closed_chains`. The profile chains themselves are not included.
-    """
-    settings = settings or PolicySettings()
-    try:
-        ctx = _Context(profiles, settings)
-        local = _prepare_local(endpoint, ctx)
-        if local.problem is None:
-            local.problem = _iface_problem(endpoint.iface, settings.iface_prefix)
-        mine = set(local.addresses[version])
-        accepts = []
-        for mapping in port_mappings:
-            checked = _check_mapping(mapping)
-            if isinstance(checked, _Mapping) and checked.container in mine:
-                accepts.append(_forward_accept(checked))
-        return _endpoint_chains(local, version, ctx, accepts)
-    except Exception:  # noqa: BLE001 - fail closed whatever went wrong
-        return fail_closed_chains(endpoint, settings)
-
-
 # --- published ports and pools ---------------------------------------------------------
 
 
@@ -752,11 +492,12 @@ def _dnat_rule(mapping: _Mapping) -> str:
     )
 
 
-def _forward_accept(mapping: _Mapping) -> str:
+def _forward_accept(mapping: _Mapping, iface: str) -> str:
     """Lets DNATed connections of a published port through, ahead of the profiles."""
     protocol = mapping.protocol
     return (
-        f"-d {mapping.container}{_host_length(mapping.version)} -p {protocol} -m {protocol}"
+        f"-d {mapping.container}{_host_length(mapping.version)} -o {iface}"
+        f" -p {protocol} -m {protocol}"
         f" --dport {mapping.container_port} -m conntrack --ctstate DNAT"
         f" --ctorigdstport {mapping.host_port} -j ACCEPT"
     )
@@ -776,51 +517,7 @@ def _parse_pools(pools: Iterable[Pool], warnings: list[str]) -> list[tuple[str, 
     return parsed
 
 
-# --- the whole thing -------------------------------------------------------------------
-
-
-def _dispatch_chains(
-    root: str,
-    kind: str,
-    flag: str,
-    prefix: str,
-    entries: Sequence[tuple[str, str]],
-    cache: CompileCache | None = None,
-) -> dict[str, list[str]]:
-    """Interface dispatch as a prefix tree; ``entries`` are (iface, target chain)."""
-
-    def subtree(chain: str, depth: int, items: tuple[tuple[str, str], ...]) -> dict[str, list[str]]:
-        if cache is None:
-            return build(chain, depth, items)
-        key = ("dispatch", flag, kind, prefix, chain, depth, items)
-        return cache.get(key, lambda: build(chain, depth, items))
-
-    def build(chain: str, depth: int, items: tuple[tuple[str, str], ...]) -> dict[str, list[str]]:
-        chains: dict[str, list[str]] = {}
-        rules: list[str] = []
-        if len(items) <= DISPATCH_LEAF:
-            rules = [f"{flag} {iface} -g {target}" for iface, target in items]
-        else:
-            groups: dict[str, list[tuple[str, str]]] = {}
-            for iface, target in items:
-                if len(iface) == depth:
-                    rules.append(f"{flag} {iface} -g {target}")
-                else:
-                    groups.setdefault(iface[: depth + 1], []).append((iface, target))
-            for stem in sorted(groups):
-                group = groups[stem]
-                if len(group) == 1:
-                    iface, target = group[0]
-                    rules.append(f"{flag} {iface} -g {target}")
-                    continue
-                sub = chain_name(kind, stem[len(prefix):])
-                rules.append(f"{flag} {stem}+ -g {sub}")
-                chains.update(subtree(sub, depth + 1, tuple(group)))
-        rules.append("-j DROP")
-        chains[chain] = rules
-        return chains
-
-    return dict(subtree(root, len(prefix), tuple(sorted(entries))))
+# --- fixed chains and hooks ---------------------------------------------------------------
 
 
 def _hooks(version: int) -> list[Hook]:
@@ -860,8 +557,10 @@ def _fixed_filter_chains(
     if settings.workload_to_host == "drop":
         inbound.append(f"-i {wl} -j DROP")
     else:
-        # The endpoint's outbound profiles first (they drop or return), then the action;
-        # "return" falls off the end back to the host's own INPUT rules.
+        # The same dispatch as forwarded traffic: the source address and interface
+        # must belong to an endpoint (anti-spoofing), whose outbound profiles then
+        # drop or return; then the action ("return" falls off the end back to the
+        # host's own INPUT rules).
         inbound.append(f"-i {wl} -j {FROM_DISPATCH}")
         if settings.workload_to_host == "accept":
             inbound.append(f"-i {wl} -j ACCEPT")
@@ -872,6 +571,576 @@ def _fixed_filter_chains(
     }
 
 
+def _profile_list_rules(names: Sequence[str], inbound: bool, mark: str) -> list[str]:
+    """The chain that tries the profiles in order, then drops."""
+    check = f"-m mark --mark {mark}/{mark} -j RETURN"
+    lines = [f"-j MARK --set-xmark 0x0/{mark}"]
+    for name in names:
+        chains = profile_chain_names(name)
+        lines += [f"-j {chains[0] if inbound else chains[1]}", check]
+    lines.append("-j DROP")
+    return lines
+
+
+def _parse_addresses(values: Iterable[str], version: int) -> list[str]:
+    """Canonical addresses (prefix stripped); raises ValueError on a bad one."""
+    result = []
+    for value in values:
+        address = ipaddress.ip_address(str(value).split("/", 1)[0])
+        if address.version != version:
+            raise ValueError(f"{value} is not an IPv{version} address")
+        result.append(str(address))
+    return result
+
+
+def _iface_problem(iface: object, prefix: str) -> str | None:
+    if not isinstance(iface, str) or not _IFACE.fullmatch(iface):
+        return f"interface name {iface!r} is not usable"
+    if not iface.startswith(prefix) or iface == prefix:
+        return f"interface name {iface!r} does not start with {prefix!r} (plus a suffix)"
+    return None
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Profile:
+    """A profile as the model keeps it: rendered once, when it is set."""
+
+    problem: str | None
+    chains: dict[int, dict[str, list[str]]]
+    tags: tuple[str, ...]
+    referenced: frozenset[str]
+
+
+def _render_profile(name: str, profile: object) -> _Profile:
+    try:
+        tags = tuple(dict.fromkeys(t for t in getattr(profile, "tags", ()) if isinstance(t, str)))
+    except Exception:  # noqa: BLE001 - an odd object: no tags
+        tags = ()
+    try:
+        check_name(name, "profile name")
+        if not isinstance(profile, Profile):
+            raise InvalidRequest(f"is not a profile: {type(profile).__name__}")
+        if profile.name != name:
+            raise InvalidRequest(f"is stored under the name {name!r}")
+        chains = {version: render_profile_chains(profile, version) for version in FAMILIES}
+        referenced = frozenset(profile.referenced_tags())
+    except Exception as exc:  # noqa: BLE001 - any failure must fail closed
+        return _Profile(f"profile {name!r} cannot be rendered: {exc}", {}, tags, frozenset())
+    return _Profile(None, chains, tags, referenced)
+
+
+@dataclass
+class _Member:
+    """One endpoint as the model keeps it."""
+
+    endpoint: Endpoint
+    local: bool
+    addresses: dict[int, tuple[str, ...]]
+    profiles: tuple[str, ...]
+    problem: str | None  # its own: bad address, unusable interface, odd profile names
+    iface_ok: bool  # local, with a usable interface name (takes part in conflict checks)
+    tags: tuple[str, ...] = ()  # the tags its addresses are counted in now
+    listed: bool = False  # in its profile list's endpoint set now
+
+
+@dataclass
+class _List:
+    """The local endpoints (listed ones) that share one profile list."""
+
+    names: tuple[str, ...]
+    endpoints: set[str] = field(default_factory=set)
+    members: dict[int, set[str]] = field(default_factory=lambda: {4: set(), 6: set()})
+    # (inbound chain, rules, outbound chain, rules, set name per family), made once.
+    rendered: tuple[str, list[str], str, list[str], dict[int, str]] | None = None
+
+
+_SetKey = tuple[str, object, int]  # ("t", tag, version) | ("e", profile names, version)
+
+
+class PolicyModel:
+    """The inputs of one host's policy, updated one change at a time, and the desired
+    state they compile to (:meth:`policy`). See the module doc for the layout.
+
+    Endpoints are keyed by ``Endpoint.id`` (setting one with a known id replaces it).
+    ``local`` endpoints are this host's: they are dispatched through the endpoint
+    sets; other hosts' endpoints (``local=False``) only fill tag sets (their
+    ``iface`` is ignored). Profiles are rendered when they are set: changing a
+    Profile object afterwards changes nothing until it is set again.
+    Not thread-safe. Never mutate what :meth:`policy` returns.
+    """
+
+    def __init__(self, settings: PolicySettings | None = None) -> None:
+        self._profiles: dict[str, _Profile] = {}
+        self._pool_sets: dict[int, dict[str, IpSet]] = {4: {}, 6: {}}
+        self._pool_warnings: list[str] = []
+        self._mappings: dict[str, list[tuple[PortMapping, _Mapping | str]]] = {}
+        self._settings = settings or PolicySettings()
+        self._reset_endpoints()
+        self._configure()
+        self.set_pools(())
+
+    # -- inputs ------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> PolicySettings:
+        return self._settings
+
+    def __len__(self) -> int:
+        """How many endpoints (local and remote) the model holds."""
+        return len(self._members)
+
+    def set_settings(self, settings: PolicySettings) -> None:
+        """Change the settings (rare: every endpoint is prepared again)."""
+        if settings == self._settings:
+            return
+        members = [(member.endpoint, member.local) for member in self._members.values()]
+        self._settings = settings
+        self._reset_endpoints()
+        self._configure()
+        for endpoint, local in members:
+            self.set_endpoint(endpoint, local)
+
+    def set_endpoint(
+        self, endpoint: Endpoint, local: bool = True,
+        port_mappings: Iterable[PortMapping] | None = None,
+    ) -> None:
+        """Add or replace an endpoint. ``port_mappings`` (local endpoints): the ports
+        it publishes, replacing those set with it before; None keeps them."""
+        old = self._members.pop(endpoint.id, None)
+        if old is not None:
+            self._detach(old)
+        member = self._prepare(endpoint, local)
+        self._members[endpoint.id] = member
+        self._attach(member)
+        if port_mappings is not None:
+            self.set_port_mappings(port_mappings, owner=endpoint.id)
+
+    def remove_endpoint(self, endpoint_id: str) -> None:
+        """Forget an endpoint and the ports it published (unknown ids are ignored)."""
+        member = self._members.pop(endpoint_id, None)
+        if member is not None:
+            self._detach(member)
+        if endpoint_id in self._mappings:
+            self.set_port_mappings((), owner=endpoint_id)
+
+    def set_profile(self, profile: Profile, name: str | None = None) -> None:
+        """Add or replace a profile; ``name``: the name it is stored under (default:
+        its own; a profile whose name differs is not trusted: it fails closed)."""
+        key = name if name is not None else str(getattr(profile, "name", ""))
+        self._replace_profile(key, _render_profile(key, profile))
+
+    def set_invalid_profile(self, name: str, problem: str) -> None:
+        """A profile that exists but cannot be read: its endpoints fail closed."""
+        self._replace_profile(
+            name, _Profile(f"profile {name!r} cannot be read: {problem}", {}, (), frozenset())
+        )
+
+    def remove_profile(self, name: str) -> None:
+        self._replace_profile(name, None)
+
+    def set_pools(self, pools: Iterable[Pool]) -> None:
+        warnings: list[str] = []
+        parsed = _parse_pools(pools, warnings)
+        for version in FAMILIES:
+            family = "inet" if version == 4 else "inet6"
+            all_set, masq_set = pool_set_names(version)
+            self._pool_sets[version] = {
+                all_set: IpSet("hash:net", family, frozenset(
+                    cidr for cidr, v, _ in parsed if v == version)),
+                masq_set: IpSet("hash:net", family, frozenset(
+                    cidr for cidr, v, nat in parsed if v == version and nat)),
+            }
+        self._pool_warnings = warnings
+
+    def set_port_mappings(self, mappings: Iterable[PortMapping], owner: str = "") -> None:
+        """Replace the port mappings of ``owner`` (an endpoint id, or "" for mappings
+        not tied to an endpoint). A mapping applies to the local endpoint that has its
+        container address."""
+        for _, checked in self._mappings.pop(owner, []):
+            if isinstance(checked, _Mapping):
+                self._mapped[checked.container] -= 1
+                if not self._mapped[checked.container]:
+                    del self._mapped[checked.container]
+        results = [(mapping, _check_mapping(mapping)) for mapping in mappings]
+        if results:
+            self._mappings[owner] = results
+        for _, checked in results:
+            if isinstance(checked, _Mapping):
+                self._mapped[checked.container] += 1
+        self._nat_dirty = True
+
+    # -- output ------------------------------------------------------------------------
+
+    def policy(self) -> CompiledPolicy:
+        """The desired state of both families for the current inputs."""
+        warnings = list(self._pool_warnings)
+        usable: list[_List] = []
+        list_warnings = []
+        for names, group in self._lists.items():
+            problem = self._list_problem(names)
+            if problem is None:
+                usable.append(group)
+            elif names:
+                list_warnings.append(
+                    f"{len(group.endpoints)} local endpoint(s) with profiles "
+                    f"{', '.join(names)}: {problem}; they fail closed"
+                )
+        usable.sort(key=lambda group: group.names)
+        warnings += sorted(list_warnings)
+        warnings += sorted(self._problems.values())
+        for iface in sorted(self._conflicts):
+            ids = " and ".join(sorted(self._ifaces[iface]))
+            warnings.append(
+                f"interface {iface} is used by endpoints {ids}; they all fail closed"
+            )
+        if self._nat_dirty:
+            self._compile_nat()
+        warnings += self._nat_warnings
+        used = sorted({name for group in usable for name in group.names})
+        needed: set[str] = set()
+        for name in used:
+            needed |= self._profiles[name].referenced
+        states = {
+            version: self._family(version, usable, used, needed, warnings)
+            for version in FAMILIES
+        }
+        return CompiledPolicy(v4=states[4], v6=states[6])
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _reset_endpoints(self) -> None:
+        self._members: dict[str, _Member] = {}
+        self._problems: dict[str, str] = {}  # endpoint id -> warning
+        self._by_profile: dict[str, set[str]] = {}  # profile name -> endpoint ids
+        self._tag_addresses: dict[int, dict[str, Counter[str]]] = {4: {}, 6: {}}
+        self._lists: dict[tuple[str, ...], _List] = {}
+        self._ifaces: dict[str, set[str]] = {}  # usable local iface -> endpoint ids
+        self._conflicts: set[str] = set()  # ifaces with more than one endpoint
+        self._listed_by_address: dict[str, set[str]] = {}  # address -> listed endpoint ids
+        self._mapped: Counter[str] = Counter()  # container addresses of port mappings
+        for _, checked in (pair for results in self._mappings.values() for pair in results):
+            if isinstance(checked, _Mapping):
+                self._mapped[checked.container] += 1
+        self._sets: dict[_SetKey, IpSet] = {}  # member sets built since they last changed
+        self._nat_dirty = True
+
+    def _configure(self) -> None:
+        settings = self._settings
+        self._mark = f"{settings.mark:#x}"
+        self._fixed = {v: _fixed_filter_chains(v, settings, self._mark) for v in FAMILIES}
+        self._hooks = {v: _hooks(v) for v in FAMILIES}
+        self._postrouting: dict[int, list[str]] = {}
+        for version in FAMILIES:
+            all_set, masq_set = pool_set_names(version)
+            self._postrouting[version] = [
+                f"-m set --match-set {masq_set} src -m set ! --match-set {all_set} dst "
+                "-j MASQUERADE"
+            ]
+        self._prerouting: dict[int, list[str]] = {4: [], 6: []}
+        self._output: dict[int, list[str]] = {4: [], 6: []}
+        self._accepts: dict[int, list[str]] = {4: [], 6: []}
+        self._nat_warnings: list[str] = []
+
+    def _prepare(self, endpoint: Endpoint, local: bool) -> _Member:
+        problem: str | None = None
+        addresses: dict[int, tuple[str, ...]] = {4: (), 6: ()}
+        profiles: tuple[str, ...] = ()
+        try:
+            addresses = {
+                4: tuple(dict.fromkeys(_parse_addresses(endpoint.ipv4, 4))),
+                6: tuple(dict.fromkeys(_parse_addresses(endpoint.ipv6, 6))),
+            }
+        except Exception as exc:  # noqa: BLE001 - any bad value fails closed
+            problem = f"bad address: {exc}"
+            addresses = {4: (), 6: ()}
+        try:
+            names = list(endpoint.profiles)
+            odd = [name for name in names if not isinstance(name, str)]
+            if odd:
+                raise ValueError(f"profile name {odd[0]!r} is not a string")
+            profiles = tuple(dict.fromkeys(names))
+        except Exception as exc:  # noqa: BLE001
+            problem = problem or f"bad profiles: {exc}"
+        iface_ok = False
+        if local:
+            iface_problem = _iface_problem(endpoint.iface, self._settings.iface_prefix)
+            iface_ok = iface_problem is None
+            problem = iface_problem or problem
+        return _Member(endpoint, local, addresses, profiles, problem, iface_ok)
+
+    def _attach(self, member: _Member) -> None:
+        endpoint_id = member.endpoint.id
+        if member.problem is not None:
+            where = "endpoint" if member.local else "remote endpoint"
+            consequence = "it fails closed" if member.local else "left out of tag sets"
+            self._problems[endpoint_id] = f"{where} {endpoint_id}: {member.problem}; " \
+                                          f"{consequence}"
+        for name in member.profiles:
+            self._by_profile.setdefault(name, set()).add(endpoint_id)
+        self._retag(member)
+        if member.iface_ok:
+            iface = member.endpoint.iface
+            self._ifaces.setdefault(iface, set()).add(endpoint_id)
+            self._refresh_iface(iface)
+
+    def _detach(self, member: _Member) -> None:
+        endpoint_id = member.endpoint.id
+        self._problems.pop(endpoint_id, None)
+        if member.listed:
+            self._unlist(member)
+        self._count_tags(member, -1)
+        member.tags = ()
+        for name in member.profiles:
+            holders = self._by_profile.get(name)
+            if holders is not None:
+                holders.discard(endpoint_id)
+                if not holders:
+                    del self._by_profile[name]
+        if member.iface_ok:
+            iface = member.endpoint.iface
+            owners = self._ifaces.get(iface, set())
+            owners.discard(endpoint_id)
+            if not owners:
+                self._ifaces.pop(iface, None)
+            self._refresh_iface(iface)
+
+    def _refresh_iface(self, iface: str) -> None:
+        """List or unlist the endpoints of one interface: an interface used by more
+        than one endpoint fails all of them closed."""
+        owners = self._ifaces.get(iface, set())
+        if len(owners) > 1:
+            self._conflicts.add(iface)
+        else:
+            self._conflicts.discard(iface)
+        for endpoint_id in owners:
+            member = self._members.get(endpoint_id)
+            if member is None:
+                continue  # being replaced: attached again right after
+            wanted = member.problem is None and len(owners) == 1
+            if wanted and not member.listed:
+                self._list(member)
+            elif not wanted and member.listed:
+                self._unlist(member)
+
+    def _list(self, member: _Member) -> None:
+        group = self._lists.get(member.profiles)
+        if group is None:
+            group = self._lists[member.profiles] = _List(member.profiles)
+        endpoint_id = member.endpoint.id
+        group.endpoints.add(endpoint_id)
+        iface = member.endpoint.iface
+        for version in FAMILIES:
+            if member.addresses[version]:
+                group.members[version].update(
+                    endpoint_set_member(address, iface) for address in member.addresses[version]
+                )
+                self._sets.pop(("e", member.profiles, version), None)
+            for address in member.addresses[version]:
+                self._listed_by_address.setdefault(address, set()).add(endpoint_id)
+                if address in self._mapped:
+                    self._nat_dirty = True
+        member.listed = True
+
+    def _unlist(self, member: _Member) -> None:
+        group = self._lists[member.profiles]
+        endpoint_id = member.endpoint.id
+        group.endpoints.discard(endpoint_id)
+        iface = member.endpoint.iface
+        for version in FAMILIES:
+            if member.addresses[version]:
+                group.members[version].difference_update(
+                    endpoint_set_member(address, iface) for address in member.addresses[version]
+                )
+                self._sets.pop(("e", member.profiles, version), None)
+            for address in member.addresses[version]:
+                holders = self._listed_by_address.get(address)
+                if holders is not None:
+                    holders.discard(endpoint_id)
+                    if not holders:
+                        del self._listed_by_address[address]
+                if address in self._mapped:
+                    self._nat_dirty = True
+        if not group.endpoints:
+            del self._lists[member.profiles]
+        member.listed = False
+
+    def _tags_of(self, member: _Member) -> tuple[str, ...]:
+        if member.problem is not None:
+            return ()  # no usable address (or a foreign interface): in no tag set
+        found: dict[str, None] = {}
+        for name in member.profiles:
+            profile = self._profiles.get(name)
+            if profile is not None:
+                found.update(dict.fromkeys(profile.tags))
+        return tuple(found)
+
+    def _retag(self, member: _Member) -> None:
+        tags = self._tags_of(member)
+        if tags != member.tags:
+            self._count_tags(member, -1)
+            member.tags = tags
+            self._count_tags(member, 1)
+
+    def _count_tags(self, member: _Member, step: int) -> None:
+        for version in FAMILIES:
+            addresses = member.addresses[version]
+            if not addresses:
+                continue
+            by_tag = self._tag_addresses[version]
+            for tag in member.tags:
+                counts = by_tag.get(tag)
+                if counts is None:
+                    counts = by_tag[tag] = Counter()
+                for address in addresses:
+                    counts[address] += step
+                    if counts[address] <= 0:
+                        del counts[address]
+                if not counts:
+                    del by_tag[tag]
+                self._sets.pop(("t", tag, version), None)
+
+    def _replace_profile(self, name: str, entry: _Profile | None) -> None:
+        old = self._profiles.pop(name, None)
+        if entry is not None:
+            self._profiles[name] = entry
+        self._nat_dirty = True  # usable profile lists may have changed
+        if (old.tags if old else ()) != (entry.tags if entry else ()):
+            for endpoint_id in self._by_profile.get(name, ()):
+                self._retag(self._members[endpoint_id])
+
+    def _list_problem(self, names: tuple[str, ...]) -> str | None:
+        if not names:
+            return "no profile"
+        for name in names:
+            profile = self._profiles.get(name)
+            if profile is None:
+                return f"profile {name!r} does not exist"
+            if profile.problem is not None:
+                return profile.problem
+        return None
+
+    def _rendered(self, group: _List) -> tuple[str, list[str], str, list[str], dict[int, str]]:
+        if group.rendered is None:
+            names = group.names
+            group.rendered = (
+                profile_list_chain_name(names, inbound=True),
+                _profile_list_rules(names, True, self._mark),
+                profile_list_chain_name(names, inbound=False),
+                _profile_list_rules(names, False, self._mark),
+                {version: endpoint_set_name(names, version) for version in FAMILIES},
+            )
+        return group.rendered
+
+    def _member_set(self, key: _SetKey, kind: str, members: Iterable[str]) -> IpSet:
+        found = self._sets.get(key)
+        if found is None:
+            family = "inet" if key[2] == 4 else "inet6"
+            found = self._sets[key] = IpSet(kind, family, frozenset(members))
+        return found
+
+    def _compile_nat(self) -> None:
+        """DNAT rules and forward accepts of the published ports, per family."""
+        usable: dict[tuple[str, ...], bool] = {}
+        prerouting: dict[int, list[str]] = {4: [], 6: []}
+        accepts: dict[int, list[str]] = {4: [], 6: []}
+        warnings: list[str] = []
+        valid: list[_Mapping] = []
+        for results in self._mappings.values():
+            for mapping, checked in results:
+                if isinstance(checked, str):
+                    warnings.append(f"port mapping {mapping} skipped: {checked}")
+                else:
+                    valid.append(checked)
+        valid.sort(key=lambda m: (m.version, m.protocol, m.host or "", m.host_port,
+                                  m.container, m.container_port))
+        taken: set[tuple[int, str, str | None, int]] = set()
+        for mapping in valid:
+            iface = None
+            for endpoint_id in sorted(self._listed_by_address.get(mapping.container, ())):
+                member = self._members[endpoint_id]
+                names = member.profiles
+                if names not in usable:
+                    usable[names] = self._list_problem(names) is None
+                if usable[names]:
+                    iface = member.endpoint.iface
+                    break
+            if iface is None:
+                warnings.append(
+                    f"port mapping to {mapping.container}:{mapping.container_port} skipped: "
+                    "not a usable local endpoint"
+                )
+                continue
+            key = (mapping.version, mapping.protocol, mapping.host, mapping.host_port)
+            if key in taken:
+                warnings.append(
+                    f"port mapping to {mapping.container}:{mapping.container_port} skipped: "
+                    f"host port {mapping.protocol}/{mapping.host_port} is already published"
+                )
+                continue
+            taken.add(key)
+            prerouting[mapping.version].append(_dnat_rule(mapping))
+            accepts[mapping.version].append(_forward_accept(mapping, iface))
+        for version in FAMILIES:
+            # Keep the old lists when nothing changed (cheap diffs downstream).
+            if prerouting[version] != self._prerouting[version]:
+                self._prerouting[version] = prerouting[version]
+                self._output[version] = list(prerouting[version])
+            if accepts[version] != self._accepts[version]:
+                self._accepts[version] = accepts[version]
+        self._nat_warnings = sorted(warnings)
+        self._nat_dirty = False
+
+    def _family(
+        self,
+        version: int,
+        usable: Sequence[_List],
+        used: Sequence[str],
+        needed: Iterable[str],
+        warnings: list[str],
+    ) -> DesiredState:
+        filter_chains = dict(self._fixed[version])
+        for name in used:
+            filter_chains.update(self._profiles[name].chains[version])
+        from_rules: list[str] = []
+        to_rules = list(self._accepts[version])
+        ipsets: dict[str, IpSet] = {}
+        for group in usable:
+            inbound, inbound_rules, outbound, outbound_rules, set_names = self._rendered(group)
+            filter_chains[inbound] = inbound_rules
+            filter_chains[outbound] = outbound_rules
+            name = set_names[version]
+            from_rules.append(f"-m set --match-set {name} src,src -g {outbound}")
+            to_rules.append(f"-m set --match-set {name} dst,dst -g {inbound}")
+            ipsets[name] = self._member_set(
+                ("e", group.names, version), ENDPOINT_SET_TYPE, group.members[version]
+            )
+        from_rules.append("-j DROP")
+        to_rules.append("-j DROP")
+        filter_chains[FROM_DISPATCH] = from_rules
+        filter_chains[TO_DISPATCH] = to_rules
+        by_tag = self._tag_addresses[version]
+        for tag in needed:
+            ipsets[tag_set_name(tag, version)] = self._member_set(
+                ("t", tag, version), "hash:ip", by_tag.get(tag, ())
+            )
+        ipsets.update(self._pool_sets[version])
+        nat_chains = {
+            PREROUTING_CHAIN: self._prerouting[version],
+            OUTPUT_CHAIN: self._output[version],
+            POSTROUTING_CHAIN: self._postrouting[version],
+        }
+        return DesiredState(
+            version=version,
+            tables={FILTER: filter_chains, NAT: nat_chains},
+            ipsets=ipsets,
+            hooks=list(self._hooks[version]),
+            warnings=warnings,
+        )
+
+
 def compile_policy(
     endpoints: Iterable[Endpoint],
     profiles: Mapping[str, Profile],
@@ -879,217 +1148,27 @@ def compile_policy(
     port_mappings: Iterable[PortMapping] = (),
     settings: PolicySettings | None = None,
     remote_endpoints: Iterable[Endpoint] = (),
-    cache: CompileCache | None = None,
 ) -> CompiledPolicy:
-    """Compile the desired state of both IP families.
+    """Compile the desired state of both IP families from the whole input.
 
-    ``endpoints`` are this host's endpoints (they get chains); ``remote_endpoints`` are
-    the other hosts' (their addresses only fill tag sets; ``iface`` is ignored).
-    ``profiles`` maps name -> Profile and may hold more than the endpoints use: only
-    used profiles get chains, and only tags their rules refer to get sets.
-    Problems never raise: they are listed in ``warnings`` and fail closed.
-    ``cache``: reuse what the previous call with this cache computed (same output,
-    much faster when little changed; see :class:`CompileCache`).
+    ``endpoints`` are this host's endpoints (they are dispatched through the endpoint
+    sets); ``remote_endpoints`` are the other hosts' (their addresses only fill tag
+    sets; ``iface`` is ignored). Endpoint ids must be unique (a later endpoint with
+    the same id replaces an earlier one). ``profiles`` maps name -> Profile and may
+    hold more than the endpoints use: only used profiles get chains, and only tags
+    their rules refer to get sets. Problems never raise: they are listed in
+    ``warnings`` and fail closed. The same as a :class:`PolicyModel` fed all of it.
     """
-    try:
-        return _compile(
-            endpoints, profiles, pools, port_mappings, settings or PolicySettings(),
-            remote_endpoints, cache,
-        )
-    finally:
-        if cache is not None:
-            cache.finish()
-
-
-def _compile(
-    endpoints: Iterable[Endpoint],
-    profiles: Mapping[str, Profile],
-    pools: Iterable[Pool],
-    port_mappings: Iterable[PortMapping],
-    settings: PolicySettings,
-    remote_endpoints: Iterable[Endpoint],
-    cache: CompileCache | None,
-) -> CompiledPolicy:
-    ctx = _Context(profiles, settings, cache)
-    warnings: list[str] = []
-    by_iface: dict[str, _Local] = {}
+    model = PolicyModel(settings)
+    for name, profile in profiles.items():
+        model.set_profile(profile, name=name)
+    model.set_pools(pools)
     for endpoint in endpoints:
-        iface_problem = _iface_problem(endpoint.iface, settings.iface_prefix)
-        if iface_problem is not None:
-            warnings.append(f"endpoint {endpoint.id}: {iface_problem}; it gets no chains")
-            continue
-        local = _prepare_local(endpoint, ctx)
-        other = by_iface.get(endpoint.iface)
-        if other is not None:
-            problem = f"interface {endpoint.iface} is used by endpoints {other.endpoint.id} " \
-                      f"and {endpoint.id}"
-            other.problem = problem
-            warnings.append(f"endpoint {endpoint.id}: {problem}; both fail closed")
-            continue
-        by_iface[endpoint.iface] = local
-        if local.problem is not None:
-            warnings.append(f"endpoint {endpoint.id}: {local.problem}; it fails closed")
-    locals_ = list(by_iface.values())
-
-    used = sorted({name for local in locals_ if local.problem is None for name in local.profiles})
-    needed_tags: set[str] = set()
-    for name in used:
-        needed_tags |= profiles[name].referenced_tags()
-    tag_members = _tag_members(locals_, remote_endpoints, profiles, needed_tags, warnings)
-
-    mappings: list[_Mapping] = []
-    for mapping in port_mappings:
-        checked = _check_mapping(mapping)
-        if isinstance(checked, str):
-            warnings.append(f"port mapping {mapping} skipped: {checked}")
-        else:
-            mappings.append(checked)
-    pool_list = _parse_pools(pools, warnings)
-
-    # Interface dispatch is the same in both families.
-    prefix = settings.iface_prefix
-    to_entries = [(local.endpoint.iface, local.to_chain) for local in locals_]
-    from_entries = [(local.endpoint.iface, local.from_chain) for local in locals_]
-    dispatch = _dispatch_chains(TO_DISPATCH, "twd", "-o", prefix, to_entries, ctx.cache)
-    dispatch.update(_dispatch_chains(FROM_DISPATCH, "fwd", "-i", prefix, from_entries, ctx.cache))
-
-    states = {
-        version: _compile_family(
-            version, ctx, locals_, used, tag_members[version], pool_list, mappings, dispatch,
-            warnings,
-        )
-        for version in (4, 6)
-    }
-    return CompiledPolicy(v4=states[4], v6=states[6])
-
-
-def _tag_members(
-    locals_: Sequence[_Local],
-    remote_endpoints: Iterable[Endpoint],
-    profiles: Mapping[str, Profile],
-    needed_tags: set[str],
-    warnings: list[str],
-) -> dict[int, dict[str, set[str]]]:
-    """Per family, tag -> addresses of every endpoint (any host) whose profiles carry it."""
-    members: dict[int, dict[str, set[str]]] = {
-        version: {tag: set() for tag in needed_tags} for version in (4, 6)
-    }
-    if not needed_tags:
-        return members
-    tags_of: dict[tuple[str, ...], list[str]] = {}
-
-    def tags_for(names: tuple[str, ...]) -> list[str]:
-        tags = tags_of.get(names)
-        if tags is None:
-            found: dict[str, None] = {}
-            for name in names:
-                profile = profiles.get(name) if isinstance(name, str) else None
-                if profile is not None:
-                    found.update((tag, None) for tag in profile.tags if tag in needed_tags)
-            tags = tags_of[names] = list(found)
-        return tags
-
-    for local in locals_:
-        for tag in tags_for(local.profiles):
-            members[4][tag].update(local.addresses[4])
-            members[6][tag].update(local.addresses[6])
+        model.set_endpoint(endpoint, local=True)
     for endpoint in remote_endpoints:
-        tags = tags_for(tuple(endpoint.profiles))
-        if not tags:
-            continue
-        try:
-            v4 = _parse_addresses(endpoint.ipv4, 4)
-            v6 = _parse_addresses(endpoint.ipv6, 6)
-        except ValueError as exc:
-            warnings.append(f"remote endpoint {endpoint.id}: {exc}; left out of tag sets")
-            continue
-        for tag in tags:
-            members[4][tag].update(v4)
-            members[6][tag].update(v6)
-    return members
-
-
-def _compile_family(
-    version: int,
-    ctx: _Context,
-    locals_: Sequence[_Local],
-    used_profiles: Sequence[str],
-    tag_members: Mapping[str, set[str]],
-    pools: Sequence[tuple[str, int, bool]],
-    mappings: Sequence[_Mapping],
-    dispatch: Mapping[str, list[str]],
-    warnings: list[str],
-) -> DesiredState:
-    settings = ctx.settings
-    filter_chains = _fixed_filter_chains(version, settings, ctx.mark)
-    prerouting: list[str] = []
-    masquerade_rule = ""
-
-    # Published ports: DNAT in nat, and an accept at the top of the endpoint's to-chain.
-    by_address = (
-        {address: local for local in locals_ for address in local.addresses[version]}
-        if mappings else {}
-    )
-    accepts: dict[str, list[str]] = {}
-    taken: set[tuple[str, str | None, int]] = set()
-    for mapping in mappings:
-        if mapping.version != version:
-            continue
-        local = by_address.get(mapping.container)
-        if local is None or local.problem is not None:
-            warnings.append(
-                f"port mapping to {mapping.container}:{mapping.container_port} skipped: "
-                "not a usable local endpoint"
-            )
-            continue
-        key = (mapping.protocol, mapping.host, mapping.host_port)
-        if key in taken:
-            warnings.append(
-                f"port mapping to {mapping.container}:{mapping.container_port} skipped: "
-                f"host port {mapping.protocol}/{mapping.host_port} is already published"
-            )
-            continue
-        taken.add(key)
-        prerouting.append(_dnat_rule(mapping))
-        accepts.setdefault(local.to_chain, []).append(_forward_accept(mapping))
-
-    # Profiles (only those in use and renderable), then endpoints and dispatch.
-    for name in used_profiles:
-        filter_chains.update(ctx.profile_chains(name, version))
-    for local in locals_:
-        filter_chains.update(
-            _endpoint_chains(local, version, ctx, accepts.get(local.to_chain, ()))
-        )
-    filter_chains.update(dispatch)
-
-    # Sets: tags, pools; masquerade nat-outgoing pools to anything outside every pool.
-    family = "inet" if version == 4 else "inet6"
-    ipsets = {
-        tag_set_name(tag, version): IpSet("hash:ip", family, frozenset(members))
-        for tag, members in tag_members.items()
-    }
-    all_set, masq_set = pool_set_names(version)
-    ipsets[all_set] = IpSet(
-        "hash:net", family, frozenset(cidr for cidr, v, _ in pools if v == version)
-    )
-    ipsets[masq_set] = IpSet(
-        "hash:net", family, frozenset(cidr for cidr, v, nat in pools if v == version and nat)
-    )
-    masquerade_rule = (
-        f"-m set --match-set {masq_set} src -m set ! --match-set {all_set} dst -j MASQUERADE"
-    )
-    nat_chains = {
-        PREROUTING_CHAIN: prerouting,
-        OUTPUT_CHAIN: list(prerouting),
-        POSTROUTING_CHAIN: [masquerade_rule],
-    }
-    return DesiredState(
-        version=version,
-        tables={FILTER: filter_chains, NAT: nat_chains},
-        ipsets=ipsets,
-        hooks=_hooks(version),
-        warnings=warnings,
-    )
+        model.set_endpoint(endpoint, local=False)
+    model.set_port_mappings(port_mappings)
+    return model.policy()
 
 
 # --- rendering for the kernel, and diffs ------------------------------------------------
@@ -1120,7 +1199,8 @@ def render_restore(
 
 def _temp_set(ipset: IpSet) -> str:
     version = 4 if ipset.family == "inet" else 6
-    return f"cali{version}-tmp-{ipset.type.split(':')[1]}"
+    kind = ipset.type.split(":", 1)[1].replace(",", "-")
+    return f"cali{version}-tmp-{kind}"
 
 
 def render_ipset_restore(

@@ -8,13 +8,16 @@ with the chain edits and, in the same transaction, any hook fixes, then
 independent and are written in parallel (one thread each).
 
 ``apply`` is incremental: it diffs the new state against the one this writer last
-applied and sends only the chains and sets that changed. A chain whose old rules are
-a subsequence of its new rules (the usual case when an endpoint is added: the
-dispatch chains gain one rule) is edited with ``-I``/``-A`` instead of being flushed
-and rewritten. That matters on the nf_tables backend: a transaction that deletes
-anything (a flush is a delete) queues the old rules for destruction after an RCU
-grace period, and the tool's exit then waits for that grace period (10-20 ms here);
-a transaction that only adds returns in about 3 ms.
+applied and sends only the chains and sets that changed. Sets are updated with
+``add``/``del ... -exist`` lines for the members that changed, so the common change,
+an endpoint added or removed (only set members, see ``profiles.compiler``), is one
+``ipset restore`` per family and no iptables-restore at all. A chain whose old rules
+are a subsequence of its new rules (e.g. the dispatch chains when a new profile list
+comes into use) is edited with ``-I``/``-A`` instead of being flushed and rewritten.
+That matters on the nf_tables backend: a transaction that deletes anything (a flush
+is a delete) queues the old rules for destruction after an RCU grace period, and the
+tool's exit then waits for that grace period (10-20 ms here); a transaction that only
+adds returns in about 3 ms.
 
 ``resync`` reads what the kernel holds (``iptables -S`` per table, ``ipset list -n``),
 rewrites every set, rewrites every chain of ours whose rules differ from the policy

@@ -26,7 +26,8 @@ from profiles.compiler import (
     Pool,
     PortMapping,
     compile_policy,
-    endpoint_chain_names,
+    endpoint_set_name,
+    profile_list_chain_name,
 )
 from profiles.grammar import parse_rule
 from profiles.iptables import ApplyReport, PolicyWriter
@@ -157,6 +158,11 @@ class World:
     def sets(self) -> set[str]:
         return {n for n in in_ns(self.host, "ipset", "list", "-n").stdout.split()
                 if n.startswith("cali")}
+
+    def members(self, name: str) -> set[str]:
+        """The members of one of our sets, as the kernel lists them."""
+        lines = in_ns(self.host, "ipset", "list", name).stdout.splitlines()
+        return set(lines[lines.index("Members:") + 1:]) - {""}
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +322,14 @@ def test_an_endpoint_without_a_usable_profile_fails_closed(world: World) -> None
 def test_a_spoofed_source_is_dropped(world: World) -> None:
     a, b = world.workloads["a"], world.workloads["b"]
     spoof4, spoof6 = "10.201.0.99", "fd00:98::99"
+    # A neighbour's addresses (d: same network, so in the same endpoint set, but
+    # behind another interface).
+    neighbour4, neighbour6 = world.ip4("d"), world.ip6("d")
     ip(a.workload, "addr", "add", f"{spoof4}/32", "dev", a.container_ifname)
     ip(a.workload, "-6", "addr", "add", f"{spoof6}/128", "dev", a.container_ifname, "nodad")
+    ip(a.workload, "addr", "add", f"{neighbour4}/32", "dev", a.container_ifname)
+    ip(a.workload, "-6", "addr", "add", f"{neighbour6}/128", "dev", a.container_ifname,
+       "nodad")
     # Take the IPv4 reverse-path filter out of the way so that only our chains can
     # stop the spoofed packets (IPv6 has no rp_filter at all).
     sysctl = f"net.ipv4.conf.{a.host_ifname}.rp_filter"
@@ -331,21 +343,48 @@ def test_a_spoofed_source_is_dropped(world: World) -> None:
             with Capture(b.workload, b.container_ifname) as capture:
                 probe_all([Probe(a.workload, b.ip4, "icmp", bind=spoof4),
                            Probe(a.workload, str(b.ip6), "icmp", bind=spoof6),
-                           Probe(a.workload, b.ip4, "icmp")], timeout=0.3)
+                           Probe(a.workload, b.ip4, "icmp", bind=neighbour4),
+                           Probe(a.workload, str(b.ip6), "icmp", bind=neighbour6),
+                           Probe(a.workload, b.ip4, "icmp", bind=a.ip4)], timeout=0.3)
             return {
                 "v4": bool(capture.echo_requests(src=spoof4, dst=b.ip4)),
                 "v6": bool(capture.echo_requests(src=spoof6, dst=b.ip6)),
+                "neighbour4": bool(capture.echo_requests(src=neighbour4, dst=b.ip4)),
+                "neighbour6": bool(capture.echo_requests(src=neighbour6, dst=b.ip6)),
                 "own": bool(capture.echo_requests(src=a.ip4, dst=b.ip4)),
             }
 
-        assert arrived([], []) == {"v4": False, "v6": False, "own": True}
+        nothing = {"v4": False, "v6": False, "neighbour4": False, "neighbour6": False}
+        assert arrived([], []) == {**nothing, "own": True}
         # Control: once the endpoint owns those addresses, the same packets arrive.
-        assert arrived([spoof4], [spoof6]) == {"v4": True, "v6": True, "own": True}
+        assert arrived([spoof4], [spoof6]) == {**nothing, "v4": True, "v6": True, "own": True}
     finally:
         in_ns(world.host, "sysctl", "-qw", f"net.ipv4.conf.all.rp_filter={saved[0]}",
               f"{sysctl}={saved[1]}")
         ip(a.workload, "addr", "del", f"{spoof4}/32", "dev", a.container_ifname)
         ip(a.workload, "-6", "addr", "del", f"{spoof6}/128", "dev", a.container_ifname)
+        ip(a.workload, "addr", "del", f"{neighbour4}/32", "dev", a.container_ifname)
+        ip(a.workload, "-6", "addr", "del", f"{neighbour6}/128", "dev", a.container_ifname)
+
+
+def test_a_spoofed_source_cannot_reach_the_host_either(world: World) -> None:
+    # With workload_to_host accept, the host answers a's own address; a spoofed one
+    # is dropped by the same endpoint sets on the INPUT side. A host route sends the
+    # host's answers to the spoofed address back to a, so only our rules decide.
+    a = world.workloads["a"]
+    spoof4 = "10.201.0.98"
+    gateway = NET1.gateway4
+    ip(a.workload, "addr", "add", f"{spoof4}/32", "dev", a.container_ifname)
+    ip(world.host, "route", "add", f"{spoof4}/32", "dev", a.host_ifname)
+    try:
+        accept = PolicySettings(workload_to_host="accept")
+        for extra, answered in (([], False), ([spoof4], True)):
+            world.apply(NETWORKS, PROFILES, settings=accept, extra_ipv4={"a": extra})
+            expect({Probe(a.workload, gateway, "icmp", bind=spoof4): answered,
+                    Probe(a.workload, gateway, "icmp", bind=a.ip4): True})
+    finally:
+        ip(world.host, "route", "del", f"{spoof4}/32", "dev", a.host_ifname)
+        ip(a.workload, "addr", "del", f"{spoof4}/32", "dev", a.container_ifname)
 
 
 def test_replies_pass_where_new_connections_do_not(world: World) -> None:
@@ -442,22 +481,35 @@ def test_incremental_updates_take_effect_and_touch_only_what_changed(world: Worl
     report = world.apply(NETWORKS, profiles)
     assert not report.full and report.chains_written == 2 and report.chains_deleted == 0
     expect({p("a", "c", "tcp", 5432): True, p("a", "c", "tcp", 5433): False})
-    # An endpoint goes away: its chains are gone, and its workload is cut off.
-    d_chains = set(endpoint_chain_names(world.iface("d")))
-    assert d_chains <= world.chains()
+    # An endpoint goes away: it leaves its profile list's set (and the tag set), and
+    # its workload is cut off. No iptables rule changes.
+    member = f"{world.ip4('d')},{world.iface('d')}"
+    assert member in world.members(endpoint_set_name(["web"], 4))
     report = world.apply({k: v for k, v in NETWORKS.items() if k != "d"}, profiles)
-    assert not report.full and report.chains_deleted == 4  # to and from, both families
-    assert not d_chains & world.chains() and not d_chains & world.chains(v6=True)
-    expect({p("a", "d", "tcp", 80): False, p("d", "a", "tcp", 80): False})
-    # And comes back: only added rules (no chain flushed), the other chains untouched.
+    assert not report.full and report.chains_written == 0 and report.chains_deleted == 0
+    assert report.sets_written == 4  # endpoint set and tag set "web", both families
+    assert member not in world.members(endpoint_set_name(["web"], 4))
+    assert world.iface("d") not in world.members(endpoint_set_name(["web"], 6))
+    expect({p("a", "d", "tcp", 80): False, p("d", "a", "tcp", 80): False,
+            p("d", "a", "tcp", 80, v6=True): False})
+    # And comes back: only set members again.
     report = world.apply(NETWORKS, profiles)
+    assert not report.full and report.chains_written == 0 and report.sets_written == 4
+    expect({p("a", "d", "tcp", 80): True, p("d", "a", "tcp", 80, v6=True): True})
+    # A profile list nobody used before: its chains, its sets, one dispatch rule each
+    # way, per family (edited in place, no chain flushed).
+    alone = Profile("alone", ["alone"], rules("allow from tag web"), rules("allow"))
+    report = world.apply({**NETWORKS, "d": ["alone"]}, {**profiles, "alone": alone})
     assert not report.full and report.chains_deleted == 0
-    assert 4 <= report.chains_written <= 8  # its 2 chains + dispatch chains, per family
-    expect({p("a", "d", "tcp", 80): True})
+    # Per family: pi, po, pli, plo of "alone" and both dispatch chains.
+    assert report.chains_written == 12
+    expect({p("a", "d", "tcp", 80): True, p("c", "d", "tcp", 80): False})
     # Nothing changed: nothing is written.
-    assert not world.apply(NETWORKS, profiles).changed
+    assert not world.apply({**NETWORKS, "d": ["alone"]}, {**profiles, "alone": alone}).changed
     # The kernel holds exactly what was applied.
-    assert not world.writer.resync(world.compile(NETWORKS, profiles)).chains_written
+    assert not world.writer.resync(
+        world.compile({**NETWORKS, "d": ["alone"]}, {**profiles, "alone": alone})
+    ).chains_written
 
 
 def test_sets_follow_the_rules_that_use_them(world: World) -> None:
@@ -465,10 +517,12 @@ def test_sets_follow_the_rules_that_use_them(world: World) -> None:
     assert {"cali4-t-db", "cali6-t-db", "cali4-t-web"} <= world.sets()
     members = in_ns(world.host, "ipset", "list", "cali4-t-web").stdout
     assert all(world.ip4(n) in members for n in ("a", "b", "d"))
-    # c leaves: nothing refers to tag db any more, its sets go (after the rules).
+    assert {"cali4-e-db", "cali6-e-db", "cali4-e-web"} <= world.sets()
+    # c leaves: nothing refers to tag db any more and no endpoint has profile db: its
+    # sets go (after the rules).
     report = world.apply({k: v for k, v in NETWORKS.items() if k != "c"}, PROFILES)
-    assert report.sets_deleted == 2 and not report.fallback
-    assert not {"cali4-t-db", "cali6-t-db"} & world.sets()
+    assert report.sets_deleted == 4 and not report.fallback
+    assert not {"cali4-t-db", "cali6-t-db", "cali4-e-db", "cali6-e-db"} & world.sets()
     # b leaves: it leaves the tag set, which stays.
     world.apply({"a": ["web"], "d": ["web"]}, PROFILES)
     members = in_ns(world.host, "ipset", "list", "cali4-t-web").stdout
@@ -509,9 +563,8 @@ def test_resync_restores_deleted_hooks_and_flushed_chains(world: World) -> None:
     assert not world.writer.hooks_intact()
     world.writer.resync(policy)
     assert world.writer.hooks_intact()
-    # ... or an endpoint's chain: only a resync notices, and repairs it.
-    to_c, _ = endpoint_chain_names(world.iface("c"))
-    world.iptables("-F", to_c)
+    # ... or a profile list's chain: only a resync notices, and repairs it.
+    world.iptables("-F", profile_list_chain_name(["db"], inbound=True))
     expect({p("a", "c", "tcp", 80): True})
     report = world.writer.resync(policy)
     assert report.chains_written == 1
@@ -519,21 +572,23 @@ def test_resync_restores_deleted_hooks_and_flushed_chains(world: World) -> None:
 
 
 def test_a_failed_incremental_write_falls_back_to_a_resync(world: World) -> None:
-    # The workload whose interface sorts last joins last: its dispatch rule goes in
-    # at a position > 1 of the to-dispatch chain (a prefix-tree leaf here).
-    last = max(NETWORKS, key=world.iface)
-    others = {name: names for name, names in NETWORKS.items() if name != last}
-    world.writer.resync(world.compile(others, PROFILES))
+    # c's profile list sorts after web's: its dispatch rules go in at position 2 of
+    # the dispatch chains, ahead of the final DROP.
+    late = Profile("zz", ["zz"], rules("allow from tag web"), rules("allow"))
+    profiles = {**PROFILES, "zz": late}
+    assign = {**NETWORKS, "c": ["zz"]}
+    others = {name: names for name, names in assign.items() if name != "c"}
+    world.writer.resync(world.compile(others, profiles))
     # Behind the writer's back, the chain loses its rules: the insert fails, the
     # whole table transaction is refused, and the writer resyncs instead.
     world.iptables("-F", "cali-to-wl-dispatch")
-    report = world.apply(NETWORKS, PROFILES)
+    report = world.apply(assign, profiles)
     assert report.fallback and report.full
     assert "cali-to-wl-dispatch" in report.errors[0]
     p = world.probe
-    expect({p("a", last, "tcp", 80): True, p("a", "c", "tcp", 80): False,
-            p("c", "b", "tcp", 80): False, p("a", "b", "icmp"): True})
-    assert not world.writer.resync(world.compile(NETWORKS, PROFILES)).chains_written
+    expect({p("a", "c", "tcp", 80): True, p("c", "b", "tcp", 80): False,
+            p("a", "b", "icmp"): True, p("c", "a", "icmp", v6=True): False})
+    assert not world.writer.resync(world.compile(assign, profiles)).chains_written
 
 
 def test_remove_all_leaves_no_chain_set_or_hook(world: World) -> None:
