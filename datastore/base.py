@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -139,3 +141,16 @@ def unavailable_as_error(what: str) -> Callable[[Callable[P, R]], Callable[P, R]
         return wrapper
 
     return decorate
+
+
+def cas_attempts(what: str, max_attempts: int) -> Iterator[int]:
+    """Attempt numbers for a compare-and-swap retry loop, with a jittered back-off
+    between them; gives up with Unavailable when the record keeps changing."""
+    for attempt in range(max_attempts):
+        if attempt:
+            time.sleep(random.uniform(0, min(0.02, 0.0005 * 2 ** min(attempt, 6))))
+        yield attempt
+    raise Unavailable(
+        f"gave up {what} after {max_attempts} attempts: the datastore kept "
+        "changing under us (too many concurrent writers?)"
+    )

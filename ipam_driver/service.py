@@ -45,8 +45,6 @@ Races and why they are safe:
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -60,10 +58,11 @@ from datastore.base import (
     Datastore,
     Entry,
     RevisionConflict,
+    cas_attempts,
     dumps,
     unavailable_as_error,
 )
-from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
+from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
 from ipam_driver.blocks import AddressAllocation, AllocationBlock
 from ipam_driver.pools import (
     ADD_POOL_HINT,
@@ -594,15 +593,7 @@ class IpamService:
     # =============================================================== internal
 
     def _attempts(self, what: str) -> Iterator[int]:
-        """Attempt numbers for a CAS retry loop, with a jittered backoff between them."""
-        for attempt in range(self.max_attempts):
-            if attempt:
-                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2 ** min(attempt, 6))))
-            yield attempt
-        raise Unavailable(
-            f"gave up {what} after {self.max_attempts} attempts: the datastore kept "
-            "changing under us (too many concurrent writers?)"
-        )
+        return cas_attempts(what, self.max_attempts)
 
     def _write(self, key: str, entry: Entry | None, data: Any) -> Entry:
         if entry is None:

@@ -33,8 +33,6 @@ Choices:
 from __future__ import annotations
 
 import builtins
-import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 from datastore.base import (
@@ -43,10 +41,11 @@ from datastore.base import (
     Datastore,
     Entry,
     RevisionConflict,
+    cas_attempts,
     dumps,
     unavailable_as_error,
 )
-from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound, Unavailable
+from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound
 from profiles.model import Profile, Rule, check_name
 
 PROFILES = ROOT + "profiles/"
@@ -304,12 +303,4 @@ class ProfileStore:
             raise CalicoCnmError(f"stored profile {entry.key} is unreadable: {exc}") from exc
 
     def _attempts(self, what: str) -> Iterator[int]:
-        """Attempt numbers for a CAS retry loop, with a jittered back-off between them."""
-        for attempt in range(self.max_attempts):
-            if attempt:
-                time.sleep(random.uniform(0, min(0.02, 0.0005 * 2 ** min(attempt, 6))))
-            yield attempt
-        raise Unavailable(
-            f"gave up {what} after {self.max_attempts} attempts: the datastore kept "
-            "changing under us (too many concurrent writers?)"
-        )
+        return cas_attempts(what, self.max_attempts)
