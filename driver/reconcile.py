@@ -68,7 +68,13 @@ def reconcile_routes(store: Datastore, hostname: str, netlink: Netlink) -> Recon
             continue
         if record.network_id not in networks:
             entry = store.get(network_key(record.network_id))
-            networks[record.network_id] = NetworkRecord.from_dict(entry.data) if entry else None
+            try:
+                networks[record.network_id] = (
+                    NetworkRecord.from_dict(entry.data) if entry else None
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("network record of %s is unreadable: %s", record.id[:12], exc)
+                networks[record.network_id] = None  # restore the routes all the same
         network = networks[record.network_id]
         try:
             if network is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import netaddr
 
 from datastore.base import AlreadyExists, Datastore, RevisionConflict, dumps
-from datastore.errors import Conflict, InvalidRequest, NotFound
+from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound
 from driver.netlink import Netlink
 from driver.records import (
     ENDPOINTS,
@@ -31,7 +31,7 @@ from driver.records import (
     network_key,
 )
 from ipam_driver.service import IpamService
-from profiles.model import Profile
+from profiles.model import Profile, check_name
 from profiles.store import ProfileStore
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,18 @@ def _parse_ports(options: dict[str, Any]) -> list[PortMapping]:
         protocol = IP_PROTOCOLS.get(int(item.get("Proto", 6)))
         if protocol is None:
             raise InvalidRequest(f"port mapping protocol {item.get('Proto')} is not supported")
-        first = int(item.get("HostPort") or 0)
-        last = int(item.get("HostPortEnd") or first)
-        if first == 0:
+        host_port = int(item.get("HostPort") or 0)
+        if host_port == 0:
             raise InvalidRequest(
                 "publishing a port without a host port (docker run -p 80) is not supported; "
                 "name the host port, e.g. -p 8080:80"
             )
-        container_port = int(item.get("Port", 0))
-        for offset, host_port in enumerate(range(first, last + 1)):
-            ports.append(PortMapping(
-                protocol=protocol, container_port=container_port + offset,
-                host_port=host_port, host_ip=str(item.get("HostIP") or ""),
-            ))
+        # HostPort..HostPortEnd (`-p 8080-8090:80`) is the range Docker may choose one
+        # host port from, for this one container port: use its first port.
+        ports.append(PortMapping(
+            protocol=protocol, container_port=int(item.get("Port", 0)),
+            host_port=host_port, host_ip=str(item.get("HostIP") or ""),
+        ))
     return ports
 
 
@@ -203,6 +202,14 @@ class NetworkService:
                 return record
             record.name = name
             if not record.profiles:
+                try:
+                    check_name(name, "profile name")
+                except InvalidRequest as exc:
+                    # Docker allows names (spaces, any length) that cannot name a profile.
+                    raise InvalidRequest(
+                        f"network {name!r} cannot have a default profile of its name "
+                        f"({exc}); recreate it with -o profile=NAME"
+                    ) from None
                 self._profiles.ensure(Profile.network_default(name))
                 record.profiles = [name]
             try:
@@ -216,11 +223,24 @@ class NetworkService:
         raise Conflict(f"network {network_id} is being changed concurrently; retry")
 
     def resolve_pending_networks(self) -> list[NetworkRecord]:
-        """Resolves every network whose name is still unknown; returns those resolved."""
+        """Resolves every network whose name is still unknown; returns those resolved.
+
+        A network that cannot be read or resolved is logged and skipped: it must not
+        keep the others (or the caller's reconciliation) from going ahead.
+        """
         resolved = []
-        for network in self.list_networks():
+        for entry in self._store.list(NETWORKS):
+            try:
+                network = NetworkRecord.from_dict(entry.data)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("network record %s is unreadable: %s", entry.key, exc)
+                continue
             if not network.name:
-                record = self.resolve_network(network.id)
+                try:
+                    record = self.resolve_network(network.id)
+                except CalicoCnmError as exc:
+                    log.warning("network %s stays without a profile: %s", network.id[:12], exc)
+                    continue
                 if record.name:
                     resolved.append(record)
         return resolved
@@ -296,16 +316,18 @@ class NetworkService:
             ipv4=ipv4, ipv6=ipv6, mac=str(interface.get("MacAddress") or ""),
             profiles=list(network.profiles),
         )
-        try:
-            self._store.create(endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()))
-        except AlreadyExists as exc:
-            raise Conflict(f"endpoint {endpoint_id} already exists") from exc
+        # Handles first: Docker never calls DeleteEndpoint after a failed CreateEndpoint,
+        # so nothing may fail once the record is written (it would block network rm).
         for address in record.addresses:
             try:
                 self._ipam.assign_handle(address, endpoint_id)
             except NotFound:
                 log.warning("address %s of endpoint %s is not managed by calico-ipam",
                             address, endpoint_id)
+        try:
+            self._store.create(endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()))
+        except AlreadyExists as exc:
+            raise Conflict(f"endpoint {endpoint_id} already exists") from exc
         # Docker chose the addresses (and a MAC if any); nothing to add.
         return {}
 

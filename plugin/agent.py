@@ -112,7 +112,9 @@ class Agent:
             if netlink.global_rp_filter() == 2:
                 log.warning("net.ipv4.conf.all.rp_filter is 2 (loose): containers can "
                             "spoof addresses the host routes; set it to 0 or 1")
-        revision = self._store.current_revision()
+        # The first resync reads the revision: a datastore that is not answering yet
+        # (etcd starting with the host) is retried there, never fatal.
+        revision = 0
         next_resync = 0.0
         while not self._stop.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:

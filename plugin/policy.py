@@ -19,6 +19,7 @@ memory, without reading the datastore, in O(what changed).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Iterable
@@ -52,11 +53,17 @@ def policy_settings(settings: Settings) -> PolicySettings:
 
 
 def endpoint_port_mappings(record: EndpointRecord) -> list[PortMapping]:
-    """The ports an endpoint publishes, per address family it has."""
+    """The ports an endpoint publishes, per address family it has (only the host
+    address's family when the port is published on one address)."""
     mappings = []
     for port in record.ports:
+        try:
+            family = ipaddress.ip_address(port.host_ip).version if port.host_ip else None
+        except ValueError:
+            family = None  # the compiler reports it
         for address in (record.ipv4, record.ipv6):
-            if address:
+            if address and (family is None
+                            or ipaddress.ip_interface(address).version == family):
                 mappings.append(PortMapping(
                     container_ip=address.split("/")[0], protocol=port.protocol,
                     host_port=port.host_port, container_port=port.container_port,

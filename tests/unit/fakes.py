@@ -79,3 +79,6 @@ class FakeNetlink:
 
     def enable_forwarding(self) -> None:
         self.kernel.forwarding = True
+
+    def global_rp_filter(self) -> int:
+        return 1

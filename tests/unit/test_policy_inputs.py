@@ -195,3 +195,21 @@ def test_unreadable_endpoint_and_network_records_fail_closed(tmp_path: Path) -> 
     policy = HostPolicy("h1").load(store).policy()
     assert all(LOCAL_IFACE not in member for s in policy.v4.ipsets.values()
                for member in s.members)
+
+
+def test_a_port_published_on_one_family_s_address_warns_about_nothing() -> None:
+    """`-p 10.0.0.9:8080:80` (or dockerd's 0.0.0.0 and :: pair) on a dual-stack
+    container publishes on that family only; the other family is not a problem."""
+    from driver.records import PortMapping as RecordPort
+    from plugin.policy import endpoint_port_mappings
+
+    record = EndpointRecord(
+        id="a" * 64, network_id="n1", hostname="h1", ipv4="10.1.0.5/24",
+        ipv6="fd00:1::5/64", state="joined",
+        ports=[RecordPort("tcp", 80, 8080, "0.0.0.0"), RecordPort("tcp", 80, 8080, "::"),
+               RecordPort("tcp", 81, 8081, "")],
+    )
+    mappings = endpoint_port_mappings(record)
+    assert sorted((m.container_ip, m.host_ip or "", m.host_port) for m in mappings) == [
+        ("10.1.0.5", "", 8081), ("10.1.0.5", "0.0.0.0", 8080),
+        ("fd00:1::5", "", 8081), ("fd00:1::5", "::", 8080)]

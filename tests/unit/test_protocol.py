@@ -338,3 +338,56 @@ def test_unreachable_etcd_answers_503_and_the_server_stays_up(tmp_path: Path) ->
     reply = response.get_json(force=True)
     assert "unavailable" in reply["Error"] and str(port) in reply["Error"]
     assert client.post("/Plugin.Activate").status_code == 200
+
+
+def test_network_name_that_cannot_name_a_profile_fails_clearly(plugin: Plugin) -> None:
+    pools = _network(plugin)
+    plugin.docker_names[NETWORK_ID] = "my net"  # a valid Docker network name
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    before = plugin.state()
+    reply = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address}},
+        status=400)
+    assert "my net" in reply["Err"] and "-o profile=" in reply["Err"]
+    assert plugin.state() == before
+
+
+def test_host_port_range_publishes_only_the_one_container_port(plugin: Plugin) -> None:
+    """`-p 18080-18082:80` asks for container port 80 on one free host port of the
+    range (Docker's meaning); it must never publish container ports 81 and 82."""
+    pools = _network(plugin)
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    portmap = [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18080,
+                "HostPortEnd": 18082}]
+    plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address},
+        "Options": {"com.docker.network.portmap": portmap}})
+    plugin.call("NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID,
+        "Options": {"com.docker.network.portmap": portmap}})
+    record = plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}").data
+    assert record["ports"] == [
+        {"protocol": "tcp", "container_port": 80, "host_port": 18080, "host_ip": ""}]
+
+
+def test_create_endpoint_that_fails_leaves_no_endpoint_record(
+    plugin: Plugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker does not call DeleteEndpoint after a failed CreateEndpoint: a record left
+    behind would block `docker network rm` and keep its profile "in use" forever."""
+    from datastore.errors import Unavailable
+
+    pools = _network(plugin)
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+
+    def unavailable(address: str, handle: str) -> None:
+        raise Unavailable("IPAM datastore unavailable: etcd went away")
+
+    monkeypatch.setattr(plugin.ipam, "assign_handle", unavailable)
+    plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address}},
+        status=503)
+    assert plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}") is None
+    monkeypatch.undo()
+    plugin.call("IpamDriver.ReleaseAddress", {"PoolID": pools["v4"], "Address": address[:-3]})
+    plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": NETWORK_ID})
