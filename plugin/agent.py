@@ -91,9 +91,22 @@ class Agent:
                   (time.monotonic() - started) * 1000, report)
 
     def resync(self) -> None:
-        self._networks.resolve_pending_networks()
-        self.reconcile_routes()
-        self.program_policy(full=True)
+        # Each step runs even if another fails (e.g. policy is programmed even when a
+        # route cannot be restored); the first failure is raised afterwards.
+        failure: Exception | None = None
+        steps: list[Callable[[], object]] = [
+            self._networks.resolve_pending_networks,
+            self.reconcile_routes,
+            lambda: self.program_policy(full=True),
+        ]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.exception("agent resync step failed")
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def handle(self, events: list[Event]) -> None:
         # Policy first: the events update the model in memory (nothing to fail on

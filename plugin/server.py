@@ -86,7 +86,7 @@ class PluginServer(BaseApplication):
         # Runs in each worker after fork: every worker opens its own datastore.
         return create_app(self._settings)
 
-    def _start_agent(self, _arbiter: object) -> None:
+    def _start_agent(self, arbiter: Any) -> None:
         log.info("plugin serving on %s", ", ".join(self._settings.socket_paths))
         if not self._settings.run_agent:
             return
@@ -95,6 +95,10 @@ class PluginServer(BaseApplication):
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            # The agent must not hold the plugin sockets open: after a crash of this
+            # master, a new `serve` would find them still answering.
+            for listener in getattr(arbiter, "LISTENERS", []):
+                listener.close()
             code = 0
             try:
                 _run_agent(self._settings, parent)
