@@ -343,6 +343,32 @@ class NetworkService:
             raise InvalidRequest(f"{label} address {value} is outside the network's subnet")
         return str(address)
 
+    def remove_stale_endpoint(self, endpoint_id: str) -> tuple[EndpointRecord, list[str]]:
+        """Operator clean-up of an endpoint Docker no longer knows (e.g. its container
+        was removed while the plugin was down): its veth and routes if it is on this
+        host, its record, and every address its handle holds. Takes a unique ID prefix.
+        """
+        if len(endpoint_id) < 6:
+            raise InvalidRequest("give at least 6 characters of the endpoint ID")
+        matches = [(e.key, EndpointRecord.from_dict(e.data)) for e in self._store.list(ENDPOINTS)
+                   if e.key.rsplit("/", 1)[-1].startswith(endpoint_id)]
+        if not matches:
+            raise NotFound(f"no endpoint ID starts with {endpoint_id}")
+        if len(matches) > 1:
+            raise InvalidRequest(f"{len(matches)} endpoints start with {endpoint_id}; "
+                                 "give more of the ID")
+        key, record = matches[0]
+        if record.hostname == self._hostname:
+            with self._netlink_factory() as netlink:
+                for address in record.addresses:
+                    netlink.delete_route(address)
+                netlink.delete_link(record.host_ifname)
+        self._store.delete(key)
+        released = self._ipam.release_handle(record.id)
+        log.info("removed stale endpoint %s (%s); released %s", record.id[:12],
+                 record.hostname, ", ".join(released) or "no address")
+        return record, released
+
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, Any]:
         record, _ = self._endpoint(network_id, endpoint_id)
         return {

@@ -15,7 +15,7 @@ from datastore.base import Datastore, DatastoreError
 from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from plugin import settings as settings_module
-from plugin.app import build_ipam, open_datastore
+from plugin.app import build_ipam, build_network_service, open_datastore
 from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv
 from plugin.settings import Settings
@@ -106,6 +106,14 @@ def cmd_endpoint_show(settings: Settings, store: Datastore, args: argparse.Names
     return 0
 
 
+def cmd_endpoint_remove(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    service = build_network_service(settings, store, build_ipam(settings, store))
+    record, released = service.remove_stale_endpoint(args.endpoint_id)
+    print(f"removed endpoint {record.id} of network {record.network_id[:12]} on "
+          f"{record.hostname}; released {' '.join(released) or 'no address'}")
+    return 0
+
+
 def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
     from profiles.iptables import PolicyWriter
 
@@ -183,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_show = endpoint_commands.add_parser("show", parents=[common])
     _output_flag(endpoint_show)
     endpoint_show.set_defaults(handler=cmd_endpoint_show)
+    endpoint_remove = endpoint_commands.add_parser(
+        "remove", parents=[common],
+        help="clean up an endpoint Docker no longer knows: veth, routes, record, addresses")
+    endpoint_remove.add_argument("endpoint_id", help="the endpoint ID or a unique prefix")
+    endpoint_remove.set_defaults(handler=cmd_endpoint_remove)
 
     add_profile_commands(commands, common)
 

@@ -13,6 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from datastore.base import ROOT
+from datastore.errors import InvalidRequest
 from datastore.sqlite import SqliteDatastore
 from plugin.app import create_app
 from plugin.settings import Settings
@@ -390,4 +391,22 @@ def test_create_endpoint_that_fails_leaves_no_endpoint_record(
     assert plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}") is None
     monkeypatch.undo()
     plugin.call("IpamDriver.ReleaseAddress", {"PoolID": pools["v4"], "Address": address[:-3]})
+    plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": NETWORK_ID})
+
+
+def test_stale_endpoint_is_removed_with_its_veth_routes_and_addresses(plugin: Plugin) -> None:
+    pools = _network(plugin)
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address}})
+    plugin.call("NetworkDriver.Join", {"NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID})
+    service = plugin.app.extensions["calico_cnm.network"]
+    # Docker removed the container while the plugin was down: nothing was called.
+    with pytest.raises(InvalidRequest):
+        service.remove_stale_endpoint("e")
+    record, released = service.remove_stale_endpoint(ENDPOINT_ID[:12])
+    assert record.id == ENDPOINT_ID and released == [address.split("/")[0]]
+    assert plugin.kernel.links == {} and plugin.kernel.routes == {}
+    assert plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}") is None
+    assert [a.kind for a in plugin.ipam.list_allocations()] == ["gateway"]
     plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": NETWORK_ID})
