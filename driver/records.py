@@ -54,6 +54,8 @@ class NetworkRecord:
     options: dict[str, str] = field(default_factory=dict)
     # Docker's name for it: not in any request; looked up from the Docker API.
     name: str = ""
+    # The host whose dockerd created it (networks have local scope).
+    hostname: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,7 @@ class NetworkRecord:
             internal=bool(data.get("internal", False)),
             options=dict(data.get("options", {})),
             name=str(data.get("name", "")),
+            hostname=str(data.get("hostname", "")),
         )
 
 

@@ -172,6 +172,7 @@ class NetworkService:
             id=network_id, ipv4=ipv4, ipv6=ipv6, mtu=mtu, profiles=profiles,
             internal=bool(options.get(INTERNAL_OPTION, False)),
             options={str(k): str(v) for k, v in generic.items()},
+            hostname=self._hostname,
         )
         try:
             self._store.create(network_key(network_id), dumps(record.to_dict()))
@@ -368,6 +369,13 @@ class NetworkService:
         log.info("removed stale endpoint %s (%s); released %s", record.id[:12],
                  record.hostname, ", ".join(released) or "no address")
         return record, released
+
+    def remove_stale_network(self, network_id: str) -> bool:
+        """Deletes the record of a network Docker no longer has, once no endpoint
+        record refers to it. Returns whether it was deleted."""
+        if any(e.network_id == network_id for e in self.list_endpoints()):
+            return False
+        return self._store.delete(network_key(network_id))
 
     def endpoint_info(self, network_id: str, endpoint_id: str) -> dict[str, Any]:
         record, _ = self._endpoint(network_id, endpoint_id)

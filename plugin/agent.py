@@ -27,6 +27,8 @@ from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
 from plugin.app import build_ipam, build_network_service
+from plugin.docker_names import DockerNames
+from plugin.garbage import NetworkState, StaleCollector
 from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
 from profiles.iptables import PolicyWriter
@@ -44,6 +46,8 @@ class Agent:
         writer: PolicyWriter | None = None,
         netlink_factory: Callable[[], Netlink] = Netlink,
         name_lookup: Callable[[str], str | None] | None = None,
+        network_state: NetworkState | None = None,
+        stale_grace: float | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -51,6 +55,11 @@ class Agent:
         self._netlink_factory = netlink_factory
         self._networks: NetworkService = build_network_service(
             settings, store, build_ipam(settings, store), netlink_factory, name_lookup
+        )
+        self._collector = StaleCollector(
+            store, self._networks, settings.hostname,
+            network_state or DockerNames().network_state,
+            settings.stale_grace if stale_grace is None else stale_grace,
         )
         self._stop = threading.Event()
         self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
@@ -95,6 +104,7 @@ class Agent:
         # route cannot be restored); the first failure is raised afterwards.
         failure: Exception | None = None
         steps: list[Callable[[], object]] = [
+            lambda: self._collector.collect(time.monotonic()),
             self._networks.resolve_pending_networks,
             self.reconcile_routes,
             lambda: self.program_policy(full=True),

@@ -36,6 +36,7 @@ class Settings:
     workers: int = 2
     threads: int = 8
     resync_interval: float = 10.0
+    stale_grace: float = 30.0
     workload_to_host: str = "drop"
     log_level: str = "info"
     run_agent: bool = True
@@ -78,6 +79,8 @@ class Settings:
             raise InvalidRequest("workers and threads must be at least 1")
         if self.resync_interval <= 0:
             raise InvalidRequest("resync interval must be positive")
+        if self.stale_grace < 0:
+            raise InvalidRequest("stale grace must not be negative")
         if self.workload_to_host not in WORKLOAD_TO_HOST_ACTIONS:
             raise InvalidRequest(
                 f"workload-to-host action {self.workload_to_host!r} is not one of "
@@ -103,6 +106,7 @@ ENVIRONMENT = {
     "workers": "CALICO_CNM_WORKERS",
     "threads": "CALICO_CNM_THREADS",
     "resync_interval": "CALICO_CNM_RESYNC_INTERVAL",
+    "stale_grace": "CALICO_CNM_STALE_GRACE",
     "workload_to_host": "CALICO_CNM_WORKLOAD_TO_HOST",
     "log_level": "CALICO_CNM_LOG_LEVEL",
     "run_agent": "CALICO_CNM_RUN_AGENT",
@@ -127,6 +131,8 @@ HELP = {
     "workers": "gunicorn worker processes (default 2)",
     "threads": "threads per worker (default 8)",
     "resync_interval": "seconds between full reconciliations of the kernel (default 10)",
+    "stale_grace": "seconds an endpoint or network must stay unknown to Docker before "
+    "the agent removes its record (default 30)",
     "workload_to_host": "traffic from containers to this host: drop, accept or return "
     "(default drop)",
     "log_level": "debug, info, warning or error (default info)",

@@ -172,6 +172,7 @@ def plugin() -> Iterator[Plugin]:
     env = {
         "CALICO_CNM_SQLITE_PATH": str(STATE_DIR / "state.db"),
         "CALICO_CNM_RESYNC_INTERVAL": "2",
+        "CALICO_CNM_STALE_GRACE": "2",
         "CALICO_CNM_LOG_LEVEL": "info",
     }
     server = Plugin(env, STATE_DIR / "plugin.log")

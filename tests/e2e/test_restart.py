@@ -120,3 +120,40 @@ def test_docker_restart_keeps_policy_ahead_of_dockers_rules(stack: Stack) -> Non
     target = stack.address(b, net)
     assert wait_for(lambda: stack.exec(a, "ping", "-c", "1", "-W", "1", target,
                                        check=False).returncode == 0, timeout=10)
+
+
+def test_agent_cleans_up_an_endpoint_docker_forgot(stack: Stack) -> None:
+    """What a container removed while the plugin was down leaves: record, veth, address."""
+    import socket as socket_module
+    import uuid
+
+    from datastore.base import dumps
+    from datastore.sqlite import SqliteDatastore
+    from driver.records import EndpointRecord, endpoint_key
+    from ipam_driver.service import IpamService
+    from tests.e2e.conftest import STATE_DIR
+
+    net = stack.network()
+    a = stack.container(net)
+    info = stack.inspect_network(net)
+    store = SqliteDatastore(str(STATE_DIR / "state.db"))
+    hostname = socket_module.gethostname()
+    forgotten = uuid.uuid4().hex * 2
+    address = IpamService(store, hostname).request_address(
+        info["IPAM"]["Config"][0]["Subnet"], None, {})
+    IpamService(store, hostname).assign_handle(address, forgotten)
+    record = EndpointRecord(id=forgotten, network_id=info["Id"], hostname=hostname,
+                            ipv4=address, ipv6=None, state="joined")
+    store.create(endpoint_key(hostname, forgotten), dumps(record.to_dict()))
+    run("ip", "link", "add", record.host_ifname, "type", "veth", "peer", "name",
+        record.container_ifname)
+
+    # Grace and resync are 2 s each in the e2e plugin.
+    assert wait_for(lambda: store.get(endpoint_key(hostname, forgotten)) is None, timeout=20)
+    assert wait_for(lambda: record.host_ifname not in host_links(), timeout=5)
+    handles = [x.handle for x in IpamService(store, hostname).list_allocations()]
+    assert forgotten not in handles
+    # The real container's endpoint is untouched.
+    assert len([e for e in stack.plugin.cli("endpoint", "show").stdout.splitlines()
+                if info["Id"][:12] in e]) == 1
+    stack.exec(a, "true")

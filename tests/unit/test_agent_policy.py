@@ -41,6 +41,11 @@ class KernelPolicy(PolicyWriter):
         return ApplyReport(full=True)
 
 
+def _no_docker(_network_id: str) -> None:
+    """The Docker API does not answer: the agent removes nothing as stale."""
+    return None
+
+
 def _members(policy: CompiledPolicy | None, profiles: list[str]) -> set[str]:
     assert policy is not None
     found = policy.v4.ipsets.get(endpoint_set_name(profiles, 4))
@@ -53,7 +58,7 @@ def test_events_reach_the_kernel_and_a_resync_repairs_a_missed_one(tmp_path: Pat
     kernel = FakeKernel()
     writer = KernelPolicy()
     names: dict[str, str] = {}  # the Docker API's answers: none yet
-    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup=names.get)
 
     # A network whose name is not known yet, and a container on it.
@@ -117,7 +122,7 @@ def test_a_network_name_that_cannot_name_a_profile_does_not_stop_the_agent(
     kernel = FakeKernel()
     writer = KernelPolicy()
     names = {"n1": "my net", "n2": "web"}
-    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup=names.get)
     for network_id, cidr in (("n1", "10.1.0"), ("n2", "10.2.0")):
         network = NetworkRecord(id=network_id, ipv4=Subnet(f"{cidr}.0/24", f"{cidr}.1"),
@@ -159,6 +164,7 @@ def test_agent_survives_a_datastore_that_is_down_when_it_starts(tmp_path: Path) 
     kernel = FakeKernel()
     writer = KernelPolicy()
     agent = Agent(Settings(hostname="h1", resync_interval=60), store, writer=writer,
+                  network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup={}.get)
     outcome: list[BaseException] = []
 
@@ -184,7 +190,7 @@ def test_an_unreadable_network_record_fails_only_its_own_endpoints(tmp_path: Pat
     store = SqliteDatastore(str(tmp_path / "state.db"))
     kernel = FakeKernel()
     writer = KernelPolicy()
-    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup={"n2": "web"}.get)
     store.create(network_key("n1"), dumps({"written by": "a newer version"}))
     network = NetworkRecord(id="n2", ipv4=Subnet("10.2.0.0/24", "10.2.0.1"), ipv6=None)
