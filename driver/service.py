@@ -76,6 +76,13 @@ def _parse_ports(options: dict[str, Any]) -> list[PortMapping]:
     for item in options.get(PORTMAP_OPTION) or []:
         if not isinstance(item, dict):
             raise InvalidRequest(f"{PORTMAP_OPTION} must be a list of objects")
+        try:
+            numbers = [int(item.get(k) or 0) for k in ("Proto", "HostPort", "Port")]
+        except (TypeError, ValueError):
+            raise InvalidRequest(f"port mapping {item} has a field that is not a number") \
+                from None
+        if not all(0 <= n <= 65535 for n in numbers):
+            raise InvalidRequest(f"port mapping {item} has a field out of range")
         protocol = IP_PROTOCOLS.get(int(item.get("Proto", 6)))
         if protocol is None:
             raise InvalidRequest(f"port mapping protocol {item.get('Proto')} is not supported")

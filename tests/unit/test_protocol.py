@@ -410,3 +410,20 @@ def test_stale_endpoint_is_removed_with_its_veth_routes_and_addresses(plugin: Pl
     assert plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}") is None
     assert [a.kind for a in plugin.ipam.list_allocations()] == ["gateway"]
     plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": NETWORK_ID})
+
+
+@pytest.mark.parametrize("mapping", [
+    {"Proto": "tcp", "Port": 80, "HostPort": 8080},
+    {"Proto": 6, "Port": "eighty", "HostPort": 8080},
+    {"Proto": 6, "Port": 80, "HostPort": 70000},
+])
+def test_malformed_port_mappings_are_refused_and_change_nothing(
+        plugin: Plugin, mapping: dict[str, Any]) -> None:
+    pools = _network(plugin)
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    before = plugin.state()
+    reply = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address},
+        "Options": {"com.docker.network.portmap": [mapping]}}, status=400)
+    assert "port mapping" in reply["Err"]
+    assert plugin.state() == before
