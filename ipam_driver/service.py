@@ -46,9 +46,9 @@ Races and why they are safe:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from netaddr import IPAddress, IPNetwork, IPSet
 
@@ -95,6 +95,7 @@ KIND_CONTAINER = "container"
 MAX_BLOCK_GETS = 16
 
 _CAS_ERRORS = (AlreadyExists, RevisionConflict)
+T = TypeVar("T")
 
 
 
@@ -253,15 +254,12 @@ class IpamService:
     ) -> Pool:
         """Create a pool. InvalidRequest for a bad CIDR or block size, Conflict on overlap."""
         pool = make_pool(cidr, ipip, nat_outgoing, disabled, block_size)
-        for _ in self._attempts(f"adding pool {pool.cidr}"):
-            entry, pools = self._read_pools()
+
+        def add(pools: PoolSet) -> tuple[bool, Pool]:
             pools.add(pool)
-            try:
-                self._write(POOLS_KEY, entry, pools.to_dict())
-            except _CAS_ERRORS:
-                continue
-            return pool
-        raise AssertionError("unreachable")
+            return True, pool
+
+        return self._change_pools(f"adding pool {pool.cidr}", add)
 
     @_store_errors
     def update_pool(
@@ -272,21 +270,18 @@ class IpamService:
         disabled: bool | None = None,
     ) -> Pool:
         """Change a pool's flags (None keeps a flag). Disabling only stops new subnets."""
-        for _ in self._attempts(f"updating pool {cidr}"):
-            entry, pools = self._read_pools()
+
+        def update(pools: PoolSet) -> tuple[bool, Pool]:
             current = pools.get(cidr)
             if current.deleting:
                 raise Conflict(f"pool {current.cidr} is being removed")
             updated = set_flags(current, ipip, nat_outgoing, disabled)
             if updated == current:
-                return current
+                return False, current
             pools.replace(updated)
-            try:
-                self._write(POOLS_KEY, entry, pools.to_dict())
-            except _CAS_ERRORS:
-                continue
-            return updated
-        raise AssertionError("unreachable")
+            return True, updated
+
+        return self._change_pools(f"updating pool {cidr}", update)
 
     @_store_errors
     def get_pools(self) -> list[Pool]:
@@ -308,20 +303,15 @@ class IpamService:
         Safe when several workers start at once: one CAS on the pools document.
         """
         candidates = [make_pool(cidr, nat_outgoing=nat_outgoing) for cidr in cidrs]
-        for _ in self._attempts("creating the default pools"):
-            entry, pools = self._read_pools()
+
+        def add_missing(pools: PoolSet) -> tuple[bool, list[Pool]]:
             present = {pool.version for pool in pools.pools}
             created = [pool for pool in candidates if pool.version not in present]
-            if not created:
-                return []
             for pool in created:
                 pools.add(pool)
-            try:
-                self._write(POOLS_KEY, entry, pools.to_dict())
-            except _CAS_ERRORS:
-                continue
-            return created
-        raise AssertionError("unreachable")
+            return bool(created), created
+
+        return self._change_pools("creating the default pools", add_missing)
 
     @_store_errors
     def remove_pool(self, cidr: str) -> None:
@@ -624,18 +614,32 @@ class IpamService:
 
     # ------------------------------------------------------------ pool helpers
 
-    def _set_deleting(self, cidr: str, deleting: bool) -> None:
-        for _ in self._attempts(f"marking pool {cidr}"):
+    def _change_pools(self, what: str, change: Callable[[PoolSet], tuple[bool, T]]) -> T:
+        """Read, change and compare-and-swap the pools document, retried on conflict.
+
+        change() edits the pools in place and says whether anything is to be written.
+        """
+        for _ in self._attempts(what):
             entry, pools = self._read_pools()
-            current = pools.get(cidr)
-            if current.deleting == deleting:
-                return
-            pools.replace(replace(current, deleting=deleting))
+            write, result = change(pools)
+            if not write:
+                return result
             try:
                 self._write(POOLS_KEY, entry, pools.to_dict())
             except _CAS_ERRORS:
                 continue
-            return
+            return result
+        raise AssertionError("unreachable")
+
+    def _set_deleting(self, cidr: str, deleting: bool) -> None:
+        def mark(pools: PoolSet) -> tuple[bool, None]:
+            current = pools.get(cidr)
+            if current.deleting == deleting:
+                return False, None
+            pools.replace(replace(current, deleting=deleting))
+            return True, None
+
+        self._change_pools(f"marking pool {cidr}", mark)
 
     @staticmethod
     def _check_pool_unused(
