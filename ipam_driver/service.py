@@ -542,23 +542,20 @@ class IpamService:
         if rec is None:
             raise NotFound(f"address {ip} is not in any network subnet")
         key = block_key(grid_block(ip, ip.version, rec.block_size))
-        for _ in self._attempts(f"tagging address {ip}"):
-            entry = self.store.get(key)
-            if entry is None:
+
+        def tag(block: AllocationBlock | None) -> tuple[bool, None]:
+            if block is None:
                 raise NotFound(f"address {ip} is not allocated")
-            block = AllocationBlock.from_dict(entry.data)
             record = block.get_or_raise(ip)
             kind = record.attrs.get("kind")
             new_kind = KIND_CONTAINER if kind == KIND_AUX else kind
             if record.handle == handle and kind == new_kind:
-                return
+                return False, None
             record.handle = handle
             record.attrs["kind"] = new_kind
-            try:
-                self._write_block(key, entry, block)
-            except _CAS_ERRORS:
-                continue
-            return
+            return True, None
+
+        self._change_block(key, f"tagging address {ip}", tag)
 
     @_store_errors
     def release_handle(self, handle: str) -> list[str]:
@@ -881,26 +878,19 @@ class IpamService:
         """Free ip (NotFound if it is not allocated); with only_reservation, only if
         it still belongs to that reservation (and silently otherwise)."""
         key = block_key(grid_block(ip, ip.version, rec.block_size))
-        for _ in self._attempts(f"releasing address {ip}"):
-            entry = self.store.get(key)
-            if entry is None:
-                if only_reservation is not None:
-                    return
-                raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
-            block = AllocationBlock.from_dict(entry.data)
-            record = block.get(ip)
+
+        def release(block: AllocationBlock | None) -> tuple[bool, None]:
+            record = block.get(ip) if block is not None else None
             if only_reservation is not None and (
                 record is None or record.attrs.get("reservation") != only_reservation
             ):
-                return
-            if record is None:
+                return False, None
+            if block is None or record is None:
                 raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
             block.release(ip)
-            try:
-                self._write_block(key, entry, block)
-            except _CAS_ERRORS:
-                continue
-            return
+            return True, None
+
+        self._change_block(key, f"releasing address {ip}", release)
 
     def _sweep_block(self, key: str, rec: SubnetReservation) -> list[str]:
         """Free the addresses of a released subnet left in one block.
@@ -929,18 +919,29 @@ class IpamService:
             return [str(ip) for ip in freed]
         raise AssertionError("unreachable")
 
-    def _release_handle_in(self, key: str, handle: str) -> list[str]:
-        for _ in self._attempts(f"releasing handle {handle}"):
+    def _change_block(self, key: str, what: str,
+                      change: Callable[[AllocationBlock | None], tuple[bool, T]]) -> T:
+        """Read, change and compare-and-swap one block, retried on conflict.
+
+        change() gets None when the block does not exist, edits the block in place
+        and says whether anything is to be written.
+        """
+        for _ in self._attempts(what):
             entry = self.store.get(key)
-            if entry is None:
-                return []
-            block = AllocationBlock.from_dict(entry.data)
-            freed = block.release_handle(handle)
-            if not freed:
-                return []
+            block = AllocationBlock.from_dict(entry.data) if entry is not None else None
+            write, result = change(block)
+            if not write or block is None:
+                return result
             try:
                 self._write_block(key, entry, block)
             except _CAS_ERRORS:
                 continue
-            return [str(ip) for ip in freed]
+            return result
         raise AssertionError("unreachable")
+
+    def _release_handle_in(self, key: str, handle: str) -> list[str]:
+        def release(block: AllocationBlock | None) -> tuple[bool, list[str]]:
+            freed = block.release_handle(handle) if block is not None else []
+            return bool(freed), [str(ip) for ip in freed]
+
+        return self._change_block(key, f"releasing handle {handle}", release)
