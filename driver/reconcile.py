@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from dataplane.netlink import Netlink
 from datastore.base import Datastore
 from datastore.errors import NotFound
-from driver.netlink import Netlink
 from driver.records import (
     ENDPOINTS,
     HOST_IFNAME_PREFIX,

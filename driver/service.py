@@ -17,9 +17,9 @@ from typing import Any
 
 import netaddr
 
+from dataplane.netlink import Netlink
 from datastore.base import AlreadyExists, Datastore, RevisionConflict, dumps
 from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound
-from driver.netlink import Netlink
 from driver.records import (
     ENDPOINTS,
     NETWORKS,

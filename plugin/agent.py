@@ -21,8 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from dataplane.netlink import Netlink
 from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
-from driver.netlink import Netlink
 from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService

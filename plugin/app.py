@@ -11,10 +11,10 @@ from flask import Flask, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
+from dataplane.netlink import Netlink
 from datastore.base import Datastore, DatastoreError, DatastoreUnavailable
 from datastore.errors import CalicoCnmError, InvalidRequest
 from driver.http import network_blueprint
-from driver.netlink import Netlink
 from driver.service import NetworkService
 from ipam_driver.http import ipam_blueprint
 from ipam_driver.service import IpamService

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from driver.netlink import Netlink
+from dataplane.netlink import Netlink
 from tests.functional.helpers import Dataplane, Lab
 
 # -- fixtures --------------------------------------------------------------------

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from driver.netlink import Netlink
+from dataplane.netlink import Netlink
 
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
@@ -67,7 +67,7 @@ def in_ns(
 
 
 def read_sysctl(ns: str, key: str) -> str:
-    """A sysctl as seen from inside ``ns`` (read independently of driver.netlink)."""
+    """A sysctl as seen from inside ``ns`` (read independently of dataplane.netlink)."""
     return in_ns(ns, "cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
 
 
@@ -354,7 +354,7 @@ def docker_join(
 
 
 class Dataplane:
-    """A host namespace driven through driver.netlink, plus workloads."""
+    """A host namespace driven through dataplane.netlink, plus workloads."""
 
     def __init__(self, lab: Lab, nl: Netlink, host: str) -> None:
         self.lab = lab

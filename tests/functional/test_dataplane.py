@@ -1,5 +1,5 @@
 """The routed dataplane against the real kernel: connectivity, isolation of networks,
-anti-spoofing. Each test builds a host namespace (driven through driver.netlink) and
+anti-spoofing. Each test builds a host namespace (driven through dataplane.netlink) and
 workload namespaces configured the way dockerd configures a container."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""driver.netlink against the real kernel: state it leaves, idempotency, listing,
+"""dataplane.netlink against the real kernel: state it leaves, idempotency, listing,
 error mapping, and the per-namespace sysctls. Kernel state is read back with
 iproute2 and /proc, independently of the module under test."""
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from dataplane.netlink import Netlink
 from datastore.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from driver.netlink import Netlink
 from tests.functional.helpers import (
     NET1,
     Lab,
@@ -91,7 +91,7 @@ def test_current_namespace_mode_writes_proc_sys_directly(lab: Lab) -> None:
     a child process placed inside a throwaway namespace)."""
     ns = lab.netns("self")
     script = (
-        "from driver.netlink import Netlink\n"
+        "from dataplane.netlink import Netlink\n"
         "with Netlink() as nl:\n"
         "    nl.enable_forwarding()\n"
         f"    nl.create_veth('{HOST_IF}', '{TMP_IF}')\n"

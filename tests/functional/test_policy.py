@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from driver.netlink import Netlink
+from dataplane.netlink import Netlink
 from profiles.compiler import (
     CompiledPolicy,
     Endpoint,

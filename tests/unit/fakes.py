@@ -1,4 +1,4 @@
-"""A stateful stand-in for driver.netlink.Netlink: holds links and routes like the
+"""A stateful stand-in for dataplane.netlink.Netlink: holds links and routes like the
 kernel would, so unit tests can assert on the resulting state."""
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -50,7 +51,26 @@ from datastore.errors import (
     Unavailable,
 )
 
-__all__ = ["Netlink"]
+__all__ = ["Netlink", "Route", "ROUTE_PROTOCOL"]
+
+# The route protocol number of every route the routing agent programs: it owns
+# exactly the routes that carry it and never touches another.
+ROUTE_PROTOCOL = 202
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    """A route of the main table: to ``dst`` (a CIDR) via a next hop and/or device.
+
+    A desired route with ``dev=None`` matches a kernel route through any device (the
+    kernel picks the device of a next hop on a connected subnet).
+    """
+
+    dst: str
+    via: str | None = None
+    dev: str | None = None
+    onlink: bool = False
+    blackhole: bool = False
 
 _T = TypeVar("_T")
 

@@ -1,0 +1,1 @@
+"""The kernel through netlink: veths, addresses, routes, tunnels, neighbours and FDB."""

@@ -1,0 +1,1 @@
+"""Routing between hosts: the node registry, the pure route planner and the route writer."""
