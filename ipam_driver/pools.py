@@ -57,6 +57,10 @@ FORBIDDEN_RANGES = {
 
 ADD_POOL_HINT = "calico-cnm pool add"
 
+# How traffic of a pool reaches other hosts: encapsulated always, only towards hosts
+# on another subnet, or never (plain routes).
+ENCAP_MODES = ("always", "cross-subnet", "never")
+
 
 def family_name(version: int) -> str:
     return "IPv6" if version == 6 else "IPv4"
@@ -112,15 +116,17 @@ class Pool:
 
     ``deleting`` is set while ``remove_pool`` runs (and stays set if that run
     was interrupted): such a pool hands out no new subnet; removing it again
-    finishes the job.
+    finishes the job. ``ipip_mode`` / ``vxlan_mode`` (one of ENCAP_MODES) say how
+    its traffic crosses to other hosts; at most one of them is not "never".
     """
 
     cidr: str
     block_size: int
-    ipip: bool = False
+    ipip_mode: str = "never"
     nat_outgoing: bool = False
     disabled: bool = False
     deleting: bool = False
+    vxlan_mode: str = "never"
 
     @property
     def network(self) -> IPNetwork:
@@ -129,6 +135,14 @@ class Pool:
     @property
     def version(self) -> int:
         return self.network.version
+
+    @property
+    def ipip(self) -> bool:
+        return self.ipip_mode != "never"
+
+    @property
+    def vxlan(self) -> bool:
+        return self.vxlan_mode != "never"
 
     @property
     def usable(self) -> bool:
@@ -143,7 +157,8 @@ class Pool:
         data: dict[str, Any] = {
             "cidr": self.cidr,
             "block_size": self.block_size,
-            "ipip": self.ipip,
+            "ipip_mode": self.ipip_mode,
+            "vxlan_mode": self.vxlan_mode,
             "nat_outgoing": self.nat_outgoing,
             "disabled": self.disabled,
         }
@@ -153,13 +168,35 @@ class Pool:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Pool:
+        # Records written before the modes existed have only "ipip": true/false.
+        legacy_ipip = "always" if data.get("ipip") else "never"
         return cls(
             cidr=str(data["cidr"]),
             block_size=int(data["block_size"]),
-            ipip=bool(data.get("ipip", False)),
+            ipip_mode=str(data.get("ipip_mode") or legacy_ipip),
+            vxlan_mode=str(data.get("vxlan_mode") or "never"),
             nat_outgoing=bool(data.get("nat_outgoing", False)),
             disabled=bool(data.get("disabled", False)),
             deleting=bool(data.get("deleting", False)),
+        )
+
+
+def check_encapsulation(net: IPNetwork, ipip_mode: str, vxlan_mode: str) -> None:
+    """InvalidRequest unless the modes are known, not both on, and fit the family."""
+    for flag, mode in (("ipip-mode", ipip_mode), ("vxlan-mode", vxlan_mode)):
+        if mode not in ENCAP_MODES:
+            raise InvalidRequest(
+                f"invalid --{flag} {mode!r} for pool {net}: use one of {', '.join(ENCAP_MODES)}"
+            )
+    if ipip_mode != "never" and vxlan_mode != "never":
+        raise InvalidRequest(
+            f"pool {net} cannot use both IP-in-IP and VXLAN: choose one "
+            "(set the other to never)"
+        )
+    if net.version == 6 and (ipip_mode != "never" or vxlan_mode != "never"):
+        raise InvalidRequest(
+            f"pool {net} is IPv6: IP-in-IP carries only IPv4 and VXLAN is supported for "
+            "IPv4 pools only; IPv6 pools are routed directly"
         )
 
 
@@ -169,8 +206,11 @@ def make_pool(
     nat_outgoing: bool = False,
     disabled: bool = False,
     block_size: int | None = None,
+    ipip_mode: str | None = None,
+    vxlan_mode: str | None = None,
 ) -> Pool:
-    """A validated Pool (InvalidRequest on a bad CIDR, a bad or too big block size)."""
+    """A validated Pool (InvalidRequest on a bad CIDR, a bad or too big block size, or
+    bad encapsulation modes). ``ipip=True`` means ``ipip_mode="always"``."""
     net = parse_cidr(cidr, "pool")
     version = net.version
     for forbidden, label in FORBIDDEN_RANGES[version]:
@@ -195,10 +235,14 @@ def make_pool(
             f"pool {net} is smaller than one /{block_size} block: use a pool of prefix "
             f"length /{block_size} or shorter, or a smaller block size"
         )
+    ipip_mode = ipip_mode or ("always" if ipip else "never")
+    vxlan_mode = vxlan_mode or "never"
+    check_encapsulation(net, ipip_mode, vxlan_mode)
     return Pool(
         cidr=str(net),
         block_size=block_size,
-        ipip=bool(ipip),
+        ipip_mode=ipip_mode,
+        vxlan_mode=vxlan_mode,
         nat_outgoing=bool(nat_outgoing),
         disabled=bool(disabled),
     )
@@ -275,16 +319,25 @@ def set_flags(
     ipip: bool | None = None,
     nat_outgoing: bool | None = None,
     disabled: bool | None = None,
+    ipip_mode: str | None = None,
+    vxlan_mode: str | None = None,
 ) -> Pool:
-    """pool with the given flags changed (None keeps a flag)."""
-    changes: dict[str, bool] = {}
-    if ipip is not None:
-        changes["ipip"] = bool(ipip)
+    """pool with the given flags changed (None keeps a flag); ``ipip`` True/False
+    means ipip_mode always/never. InvalidRequest for modes that do not go together."""
+    changes: dict[str, Any] = {}
+    if ipip is not None and ipip_mode is None:
+        ipip_mode = "always" if ipip else "never"
+    if ipip_mode is not None:
+        changes["ipip_mode"] = ipip_mode
+    if vxlan_mode is not None:
+        changes["vxlan_mode"] = vxlan_mode
     if nat_outgoing is not None:
         changes["nat_outgoing"] = bool(nat_outgoing)
     if disabled is not None:
         changes["disabled"] = bool(disabled)
-    return replace(pool, **changes)
+    updated = replace(pool, **changes)
+    check_encapsulation(updated.network, updated.ipip_mode, updated.vxlan_mode)
+    return updated
 
 
 # ------------------------------------------------------------------------- subnets

@@ -251,9 +251,13 @@ class IpamService:
         nat_outgoing: bool = False,
         disabled: bool = False,
         block_size: int | None = None,
+        ipip_mode: str | None = None,
+        vxlan_mode: str | None = None,
     ) -> Pool:
-        """Create a pool. InvalidRequest for a bad CIDR or block size, Conflict on overlap."""
-        pool = make_pool(cidr, ipip, nat_outgoing, disabled, block_size)
+        """Create a pool. InvalidRequest for a bad CIDR, block size or encapsulation
+        modes; Conflict on overlap."""
+        pool = make_pool(cidr, ipip, nat_outgoing, disabled, block_size, ipip_mode,
+                         vxlan_mode)
 
         def add(pools: PoolSet) -> tuple[bool, Pool]:
             pools.add(pool)
@@ -268,6 +272,8 @@ class IpamService:
         ipip: bool | None = None,
         nat_outgoing: bool | None = None,
         disabled: bool | None = None,
+        ipip_mode: str | None = None,
+        vxlan_mode: str | None = None,
     ) -> Pool:
         """Change a pool's flags (None keeps a flag). Disabling only stops new subnets."""
 
@@ -275,7 +281,7 @@ class IpamService:
             current = pools.get(cidr)
             if current.deleting:
                 raise Conflict(f"pool {current.cidr} is being removed")
-            updated = set_flags(current, ipip, nat_outgoing, disabled)
+            updated = set_flags(current, ipip, nat_outgoing, disabled, ipip_mode, vxlan_mode)
             if updated == current:
                 return False, current
             pools.replace(updated)

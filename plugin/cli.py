@@ -14,6 +14,7 @@ from typing import Any
 from datastore.base import Datastore, DatastoreError
 from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
+from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
 from plugin.app import build_ipam, build_network_service, open_datastore
 from plugin.output import table
@@ -36,6 +37,7 @@ def cmd_pool_add(settings: Settings, store: Datastore, args: argparse.Namespace)
     pool = build_ipam(settings, store).add_pool(
         args.cidr, ipip=args.ipip, nat_outgoing=args.nat_outgoing,
         disabled=args.disabled, block_size=args.block_size,
+        ipip_mode=args.ipip_mode, vxlan_mode=args.vxlan_mode,
     )
     print(f"added pool {pool.cidr}")
     return 0
@@ -56,11 +58,12 @@ def cmd_pool_show(settings: Settings, store: Datastore, args: argparse.Namespace
     for usage in usages:
         pool = usage.pool
         rows.append([
-            pool.cidr, "yes" if pool.ipip else "no", "yes" if pool.nat_outgoing else "no",
+            pool.cidr, pool.ipip_mode, pool.vxlan_mode, "yes" if pool.nat_outgoing else "no",
             "yes" if pool.disabled else "no", f"/{pool.block_size}",
             f"{usage.allocated}/{usage.capacity}",
         ])
-    print(table(["CIDR", "IPIP", "NAT-OUTGOING", "DISABLED", "BLOCK", "IN USE"], rows))
+    print(table(["CIDR", "IPIP", "VXLAN", "NAT-OUTGOING", "DISABLED", "BLOCK", "IN USE"],
+                rows))
     return 0
 
 
@@ -151,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     pool_commands = pool.add_subparsers(dest="pool_command", required=True, metavar="ACTION")
     add = pool_commands.add_parser("add", parents=[common], help="add a pool")
     add.add_argument("cidr")
-    add.add_argument("--ipip", action="store_true", help="reach other hosts over IP-in-IP")
+    add.add_argument("--ipip", action="store_true", help="the same as --ipip-mode always")
+    add.add_argument("--ipip-mode", choices=ENCAP_MODES, default=None,
+                     help="IP-in-IP towards other hosts: always, only to hosts on another "
+                     "subnet (cross-subnet), or never (default)")
+    add.add_argument("--vxlan-mode", choices=ENCAP_MODES, default=None,
+                     help="VXLAN towards other hosts: always, cross-subnet or never (default)")
     add.add_argument("--nat-outgoing", action="store_true",
                      help="masquerade traffic leaving every pool")
     add.add_argument("--disabled", action="store_true",

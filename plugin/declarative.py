@@ -49,14 +49,15 @@ import yaml
 from netaddr import IPNetwork
 
 from datastore.errors import Conflict, InvalidRequest
-from ipam_driver.pools import BLOCK_SIZE_BOUNDS, Pool, make_pool, parse_cidr
+from ipam_driver.pools import BLOCK_SIZE_BOUNDS, ENCAP_MODES, Pool, make_pool, parse_cidr
 from ipam_driver.service import IpamService
 from profiles.grammar import parse_rule
 from profiles.model import Profile, Rule
 from profiles.store import DIRECTIONS, ProfileStore
 
 KINDS = ("pool", "profile")
-POOL_KEYS = ("kind", "cidr", "block_size", "ipip", "nat_outgoing", "disabled")
+POOL_KEYS = ("kind", "cidr", "block_size", "ipip", "ipip_mode", "vxlan_mode", "nat_outgoing",
+             "disabled")
 POOL_FLAGS = ("ipip", "nat_outgoing", "disabled")
 # Words of `calico-cnm profile` that a new profile cannot be called.
 RESERVED_PROFILE_NAMES = ("add", "remove", "show")
@@ -151,10 +152,17 @@ class PoolDocument:
     ipip: bool
     nat_outgoing: bool
     disabled: bool
+    ipip_mode: str | None = None
+    vxlan_mode: str | None = None
 
     def make_pool(self) -> Pool:
         return make_pool(self.cidr, self.ipip, self.nat_outgoing, self.disabled,
-                         self.block_size)
+                         self.block_size, self.modes()[0], self.modes()[1])
+
+    def modes(self) -> tuple[str, str]:
+        """(ipip_mode, vxlan_mode): a mode left out is never; ``ipip: true`` is always."""
+        return (self.ipip_mode or ("always" if self.ipip else "never"),
+                self.vxlan_mode or "never")
 
 
 Document = PoolDocument | Profile
@@ -165,7 +173,8 @@ def pool_document(pool: Pool) -> dict[str, Any]:
         "kind": "pool",
         "cidr": pool.cidr,
         "block_size": pool.block_size,
-        "ipip": pool.ipip,
+        "ipip_mode": pool.ipip_mode,
+        "vxlan_mode": pool.vxlan_mode,
         "nat_outgoing": pool.nat_outgoing,
         "disabled": pool.disabled,
     }
@@ -246,6 +255,14 @@ def _parse_pool(item: Mapping[str, Any]) -> PoolDocument:
         if not isinstance(value, bool):
             raise InvalidRequest(f"{flag}: {value!r} is not true or false")
         flags[flag] = value
+    modes: dict[str, str | None] = {}
+    for key in ("ipip_mode", "vxlan_mode"):
+        value = item.get(key)
+        if value is not None and value not in ENCAP_MODES:
+            raise InvalidRequest(f"{key}: {value!r} is not one of {', '.join(ENCAP_MODES)}")
+        modes[key] = value
+    if flags["ipip"] and modes["ipip_mode"] not in (None, "always"):
+        raise InvalidRequest(f"ipip: true contradicts ipip_mode: {modes['ipip_mode']}")
     block_size = item.get("block_size")
     if block_size is not None and (isinstance(block_size, bool)
                                    or not isinstance(block_size, int)):
@@ -255,7 +272,7 @@ def _parse_pool(item: Mapping[str, Any]) -> PoolDocument:
         network = parse_cidr(cidr, "pool")
     except InvalidRequest as exc:
         raise InvalidRequest(f"cidr: {exc}") from None
-    document = PoolDocument(cidr=str(network), block_size=block_size, **flags)
+    document = PoolDocument(cidr=str(network), block_size=block_size, **flags, **modes)
     try:
         document.make_pool()
     except InvalidRequest as exc:
@@ -385,14 +402,16 @@ def apply_documents(
         if isinstance(document, PoolDocument):
             existing = by_cidr.get(document.cidr)
             if existing is None:
-                ipam.add_pool(document.cidr, ipip=document.ipip,
-                              nat_outgoing=document.nat_outgoing,
-                              disabled=document.disabled, block_size=document.block_size)
+                ipip_mode, vxlan_mode = document.modes()
+                ipam.add_pool(document.cidr, nat_outgoing=document.nat_outgoing,
+                              disabled=document.disabled, block_size=document.block_size,
+                              ipip_mode=ipip_mode, vxlan_mode=vxlan_mode)
                 status = "created"
             else:
-                updated = ipam.update_pool(document.cidr, ipip=document.ipip,
-                                           nat_outgoing=document.nat_outgoing,
-                                           disabled=document.disabled)
+                ipip_mode, vxlan_mode = document.modes()
+                updated = ipam.update_pool(document.cidr, nat_outgoing=document.nat_outgoing,
+                                           disabled=document.disabled,
+                                           ipip_mode=ipip_mode, vxlan_mode=vxlan_mode)
                 status = "unchanged" if updated == existing else "updated"
         else:
             status = profiles.put(document)

@@ -127,14 +127,15 @@ def test_carve():
 def test_add_and_list_pools(ipam, store):
     pool = ipam.add_pool("10.10.0.0/16", ipip=True, nat_outgoing=True)
     ipam.add_pool("fd00:10::/48", block_size=120)
-    assert pool == Pool("10.10.0.0/16", 26, ipip=True, nat_outgoing=True)
+    assert pool == Pool("10.10.0.0/16", 26, ipip_mode="always", nat_outgoing=True)
     assert [p.cidr for p in ipam.get_pools()] == ["10.10.0.0/16", "fd00:10::/48"]
     assert ipam.get_pool("fd00:10::/48").block_size == 120
     stored = store.get(POOLS_KEY).data
     assert stored["pools"][0] == {
         "cidr": "10.10.0.0/16",
         "block_size": 26,
-        "ipip": True,
+        "ipip_mode": "always",
+        "vxlan_mode": "never",
         "nat_outgoing": True,
         "disabled": False,
     }
@@ -277,3 +278,25 @@ def test_subnets_document_untouched_by_pool_changes(ipam, store):
     ipam.add_pool("10.10.0.0/16")
     ipam.update_pool("10.10.0.0/16", ipip=True)
     assert store.get(SUBNETS_KEY) is None
+
+
+def test_encapsulation_modes_are_validated_and_stored(ipam):
+    pool = ipam.add_pool("10.20.0.0/16", vxlan_mode="cross-subnet")
+    assert (pool.vxlan_mode, pool.ipip_mode) == ("cross-subnet", "never")
+    assert ipam.get_pool("10.20.0.0/16").vxlan
+    with pytest.raises(InvalidRequest, match="both IP-in-IP and VXLAN"):
+        ipam.update_pool("10.20.0.0/16", ipip_mode="always")
+    with pytest.raises(InvalidRequest, match="invalid --vxlan-mode 'sometimes'"):
+        ipam.add_pool("10.30.0.0/16", vxlan_mode="sometimes")
+    with pytest.raises(InvalidRequest, match="IPv6"):
+        ipam.add_pool("fd00:30::/48", vxlan_mode="always")
+    assert [p.cidr for p in ipam.get_pools()] == ["10.20.0.0/16"]  # nothing else written
+    updated = ipam.update_pool("10.20.0.0/16", vxlan_mode="never", ipip_mode="always")
+    assert (updated.ipip_mode, updated.vxlan_mode) == ("always", "never")
+
+
+def test_legacy_pool_records_read_their_ipip_flag():
+    legacy = {"cidr": "10.0.0.0/16", "block_size": 26, "ipip": True, "nat_outgoing": False,
+              "disabled": False}
+    assert Pool.from_dict(legacy).ipip_mode == "always"
+    assert Pool.from_dict({**legacy, "ipip": False}).ipip_mode == "never"

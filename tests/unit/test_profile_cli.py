@@ -557,7 +557,8 @@ def test_get_output_shapes(run):
     run.ok("apply", "-f", run.file("docs.yaml", DOCUMENTS))
     pools = json.loads(run.ok("get", "pools", "-o", "json"))
     assert pools[0] == {"kind": "pool", "cidr": "10.210.0.0/16", "block_size": 26,
-                        "ipip": False, "nat_outgoing": True, "disabled": False}
+                        "ipip_mode": "never", "vxlan_mode": "never", "nat_outgoing": True,
+                        "disabled": False}
     profiles = yaml.safe_load(run.ok("get", "profiles"))
     assert [p["name"] for p in profiles] == ["db", "web"]
     assert profiles[1]["rules"]["inbound"][1]["!src_net"] == "10.9.0.0/16"
