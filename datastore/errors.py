@@ -43,3 +43,7 @@ class Unavailable(CalicoCnmError):
     """A dependency (datastore, kernel) failed; retrying may succeed."""
 
     status = 503
+
+
+class KernelFeatureMissing(Unavailable):
+    """The kernel lacks a feature the request needs (a tunnel type, a link kind)."""

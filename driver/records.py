@@ -54,8 +54,19 @@ class NetworkRecord:
     options: dict[str, str] = field(default_factory=dict)
     # Docker's name for it: not in any request; looked up from the Docker API.
     name: str = ""
-    # The host whose dockerd created it (networks have local scope).
+    # The host whose dockerd created it (networks have local scope; the records of
+    # all hosts with one name are one cluster network).
     hostname: str = ""
+    # Why this host's network of that name cannot be the cluster's (its endpoints are
+    # refused with this message); empty when it is.
+    conflict: str = ""
+    # Set when the network was removed on another host: this host's agent removes it
+    # from its Docker too.
+    removing: bool = False
+
+    @property
+    def subnets(self) -> tuple[str | None, str | None]:
+        return (self.ipv4.cidr if self.ipv4 else None, self.ipv6.cidr if self.ipv6 else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +83,8 @@ class NetworkRecord:
             options=dict(data.get("options", {})),
             name=str(data.get("name", "")),
             hostname=str(data.get("hostname", "")),
+            conflict=str(data.get("conflict", "")),
+            removing=bool(data.get("removing", False)),
         )
 
 

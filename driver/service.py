@@ -128,8 +128,11 @@ class NetworkService:
         hostname: str,
         netlink_factory: Callable[[], Netlink] = Netlink,
         name_lookup: Callable[[str], str | None] | None = None,
+        mtu_for: Callable[[list[str]], int | None] | None = None,
     ) -> None:
         self._store = store
+        # The default veth MTU for a network's subnets (uplink less encapsulation).
+        self._mtu_for = mtu_for
         self._ipam = ipam
         self._hostname = hostname
         self._netlink_factory = netlink_factory
@@ -209,6 +212,9 @@ class NetworkService:
             if name is None:
                 return record
             record.name = name
+            record.conflict = self._conflict_with_cluster(record)
+            if not record.profiles:
+                record.profiles = self._cluster_profiles(record)
             if not record.profiles:
                 try:
                     check_name(name, "profile name")
@@ -230,8 +236,46 @@ class NetworkService:
                 continue
         raise Conflict(f"network {network_id} is being changed concurrently; retry")
 
+    def cluster_members(self, name: str) -> list[NetworkRecord]:
+        """Every host's network of that name: together, one cluster network."""
+        members = []
+        for entry in self._store.list(NETWORKS):
+            try:
+                record = NetworkRecord.from_dict(entry.data)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if record.name == name:
+                members.append(record)
+        return members
+
+    def _conflict_with_cluster(self, record: NetworkRecord) -> str:
+        """Why record cannot join the cluster network of its name ("" when it can)."""
+        for other in self.cluster_members(record.name):
+            if other.id == record.id or other.conflict or other.removing:
+                continue
+            if other.subnets != record.subnets:
+                theirs = " and ".join(s for s in other.subnets if s)
+                ours = " and ".join(s for s in record.subnets if s)
+                return (
+                    f"calico network {record.name!r} already exists in the cluster with "
+                    f"subnet {theirs} (on host {other.hostname}); this host's network of "
+                    f"that name has {ours}: remove it and create it again with "
+                    f"--subnet {other.subnets[0] or other.subnets[1]}"
+                )
+        return ""
+
+    def _cluster_profiles(self, record: NetworkRecord) -> list[str]:
+        """A network joining a cluster network carries that network's profiles."""
+        if record.conflict:
+            return []
+        for other in self.cluster_members(record.name):
+            if other.id != record.id and other.profiles and not other.conflict:
+                return list(other.profiles)
+        return []
+
     def resolve_pending_networks(self) -> list[NetworkRecord]:
-        """Resolves every network whose name is still unknown; returns those resolved.
+        """Resolves every network of this host whose name is still unknown; returns
+        those resolved (another host's networks are known only to its own Docker).
 
         A network that cannot be read or resolved is logged and skipped: it must not
         keep the others (or the caller's reconciliation) from going ahead.
@@ -242,6 +286,8 @@ class NetworkService:
                 network = NetworkRecord.from_dict(entry.data)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("network record %s is unreadable: %s", entry.key, exc)
+                continue
+            if network.hostname not in ("", self._hostname):
                 continue
             if not network.name:
                 try:
@@ -263,13 +309,42 @@ class NetworkService:
         return [NetworkRecord.from_dict(e.data) for e in self._store.list(NETWORKS)]
 
     def delete_network(self, network_id: str) -> None:
-        self.get_network(network_id)
-        users = [e for e in self.list_endpoints() if e.network_id == network_id]
+        """Removes this host's network. A network that is part of a cluster network
+        (other hosts have one of its name) is refused while containers on any host use
+        it; otherwise the other hosts' agents are told to remove theirs too."""
+        network = self.get_network(network_id)
+        members = [network]
+        if network.name and not network.conflict:
+            members = [m for m in self.cluster_members(network.name)
+                       if not m.conflict] or [network]
+        ids = {m.id for m in members} | {network_id}
+        users = [e for e in self.list_endpoints() if e.network_id in ids]
         if users:
+            hosts = sorted({e.hostname for e in users})
+            label = repr(network.name) if network.name else network_id
             raise Conflict(
-                f"network {network_id} still has {len(users)} endpoint(s), e.g. {users[0].id}"
+                f"network {label} is in use by {len(users)} container endpoint(s) on "
+                f"host(s) {', '.join(hosts)}; remove those containers first"
             )
+        for member in members:
+            if member.id != network_id and not member.removing:
+                self._mark_removing(member.id)
         self._store.delete(network_key(network_id))
+
+    def _mark_removing(self, network_id: str) -> None:
+        for _ in range(CAS_RETRIES):
+            entry = self._store.get(network_key(network_id))
+            if entry is None:
+                return
+            record = NetworkRecord.from_dict(entry.data)
+            record.removing = True
+            try:
+                self._store.update(network_key(network_id), dumps(record.to_dict()),
+                                   entry.revision)
+                return
+            except RevisionConflict:
+                continue
+        raise Conflict(f"network {network_id} is being changed concurrently; retry")
 
     # Endpoints
 
@@ -312,6 +387,8 @@ class NetworkService:
         if not network.name:
             # Docker knows the network by now; the agent retries if it does not answer.
             network = self.resolve_network(network_id)
+        if network.conflict:
+            raise Conflict(network.conflict)
         ipv4 = self._check_address(interface.get("Address"), network.ipv4, "IPv4")
         ipv6 = self._check_address(interface.get("AddressIPv6"), network.ipv6, "IPv6")
         if ipv4 is None and ipv6 is None:
@@ -417,8 +494,11 @@ class NetworkService:
         network = self.get_network(network_id)
         record, _ = self._endpoint(network_id, endpoint_id)
         gateways = [s.gateway for s in (network.ipv4, network.ipv6) if s and s.gateway]
+        mtu = network.mtu
+        if mtu is None and self._mtu_for is not None:
+            mtu = self._mtu_for([s.cidr for s in (network.ipv4, network.ipv6) if s])
         with self._netlink_factory() as netlink:
-            netlink.create_veth(record.host_ifname, record.container_ifname, network.mtu)
+            netlink.create_veth(record.host_ifname, record.container_ifname, mtu)
             try:
                 netlink.configure_host_end(record.host_ifname, gateways)
                 for address in record.addresses:

@@ -6,12 +6,15 @@ overlap each other. Every pool is cut into a grid of *blocks* of
 host affinity (see ``ipam_driver.blocks``).
 
 A **subnet reservation** is what Docker's ``RequestPool`` creates: one network
-subnet inside one pool. Subnets never overlap each other.
+subnet inside one pool, claimed by one or more hosts (the same network created
+on each host). Subnets never overlap each other.
 
-Both collections are stored as one JSON document each (``PoolSet`` under
-``pools``, ``SubnetTable`` under ``ipam/subnets``), so every check that spans
-the collection (overlap, first free subnet) and the write that follows it are
-one compare-and-swap on one key. ``ipam_driver.service`` does the I/O.
+Pools are stored as one JSON document (``PoolSet`` under ``pools``), so every
+check that spans them and the write that follows are one compare-and-swap on
+one key. Subnet reservations are stored one key each (a cluster creates
+networks concurrently); ``SubnetTable`` is a read-only view of them, and
+``ipam_driver.service`` explains how overlaps stay impossible without a
+transaction over several keys. ``ipam_driver.service`` does the I/O.
 
 Bounds, chosen so that every block and every network has room for a gateway
 and at least one container, and a block document stays small:
@@ -343,6 +346,10 @@ def set_flags(
 # ------------------------------------------------------------------------- subnets
 
 
+def _sorted_hosts(hosts: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({str(host) for host in hosts if host}))
+
+
 @dataclass(frozen=True)
 class SubnetReservation:
     """One network subnet reserved by Docker's RequestPool.
@@ -350,6 +357,19 @@ class SubnetReservation:
     ``id`` is unique per reservation (a reservation of the same CIDR made after
     a release gets another id); every address allocated in the subnet records
     it, so releasing the subnet never frees a later network's addresses.
+
+    ``hosts`` (sorted) are the hosts whose dockerd holds a network on this
+    subnet: the creator, then every host that created the same network with
+    the same --subnet and --ip-range (see ``check_share``).
+
+    ``created_revision`` is the store revision at which the record was
+    created; it orders overlapping reservations (the earliest wins) and never
+    changes. It is None while the reservation is *pending*: just created and
+    not yet checked against overlapping reservations and its pool. A pending
+    record is never updated (only settled or deleted), so its mod revision is
+    its create revision; settling writes that revision into the value, so the
+    order survives later updates of ``hosts``. ``migrated`` marks a record
+    copied from the legacy single document (see ``ipam_driver.service``).
     """
 
     cidr: str
@@ -358,7 +378,9 @@ class SubnetReservation:
     id: str
     sub_pool: str | None = None
     options: dict[str, str] = field(default_factory=dict)
-    host: str | None = None
+    hosts: tuple[str, ...] = ()
+    created_revision: int | None = None
+    migrated: bool = False
 
     @property
     def network(self) -> IPNetwork:
@@ -373,6 +395,23 @@ class SubnetReservation:
         """Where automatic addresses come from: the ip-range if given, else the subnet."""
         return IPNetwork(self.sub_pool) if self.sub_pool else self.network
 
+    @property
+    def settled(self) -> bool:
+        """True once the reservation passed its overlap and pool checks."""
+        return self.created_revision is not None
+
+    def order(self, revision: int) -> int:
+        """The create revision, given the record's current mod revision."""
+        return self.created_revision if self.created_revision is not None else revision
+
+    def overlaps(self, net: IPNetwork) -> bool:
+        mine = self.network
+        return mine.version == net.version and mine.first <= net.last and net.first <= mine.last
+
+    def describe(self) -> str:
+        """The subnet and, if any, its ip-range, for messages."""
+        return self.cidr + (f" (ip-range {self.sub_pool})" if self.sub_pool else "")
+
     def reserved_addresses(self) -> set[int]:
         """Never handed out: the network address and, for IPv4, the broadcast address."""
         net = self.network
@@ -384,19 +423,55 @@ class SubnetReservation:
     def first_usable(self) -> IPAddress:
         return IPAddress(self.network.first + 1, self.version)
 
+    def settle(self, revision: int) -> SubnetReservation:
+        return replace(self, created_revision=revision)
+
+    def with_host(self, host: str) -> SubnetReservation:
+        return replace(self, hosts=_sorted_hosts((*self.hosts, host)))
+
+    def without_host(self, host: str) -> SubnetReservation:
+        return replace(self, hosts=tuple(h for h in self.hosts if h != host))
+
+    def check_share(self, sub_pool: str | None, host: str) -> None:
+        """Conflict unless host may join this reservation for a network of its own
+        with the same subnet and the given ip-range (None: none)."""
+        if host in self.hosts:
+            raise Conflict(
+                f"subnet {self.cidr} overlaps subnet {self.describe()}, already used by "
+                f"another network on this host ({host})"
+            )
+        if sub_pool != self.sub_pool:
+            claimed = ", ".join(self.hosts) or "another host"
+            raise Conflict(
+                f"subnet {self.cidr} is already used by a network of {claimed} with "
+                f"{'ip-range ' + self.sub_pool if self.sub_pool else 'no ip-range'}; "
+                "the same network on another host must use the same --subnet and "
+                f"--ip-range, not {'ip-range ' + sub_pool if sub_pool else 'no ip-range'}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "cidr": self.cidr,
             "pool": self.pool,
             "block_size": self.block_size,
             "id": self.id,
             "sub_pool": self.sub_pool,
             "options": dict(self.options),
-            "host": self.host,
+            "hosts": list(self.hosts),
         }
+        if self.created_revision is not None:
+            data["created_revision"] = self.created_revision
+        if self.migrated:
+            data["migrated"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SubnetReservation:
+        # Records written before subnets could be shared name only their creator.
+        hosts = data.get("hosts")
+        if hosts is None:
+            hosts = [data["host"]] if data.get("host") else []
+        created = data.get("created_revision")
         return cls(
             cidr=str(data["cidr"]),
             pool=str(data["pool"]),
@@ -404,15 +479,27 @@ class SubnetReservation:
             id=str(data["id"]),
             sub_pool=data.get("sub_pool") or None,
             options={str(k): str(v) for k, v in (data.get("options") or {}).items()},
-            host=data.get("host"),
+            hosts=_sorted_hosts(hosts),
+            created_revision=int(created) if created is not None else None,
+            migrated=bool(data.get("migrated", False)),
         )
 
 
 @dataclass
 class SubnetTable:
-    """Every reserved network subnet: the document stored under ``ipam/subnets``."""
+    """A set of network subnet reservations, by CIDR: a read-only view.
+
+    The service builds it from the per-subnet records (one key each). The
+    legacy format, one document ``{"subnets": {cidr: reservation}}`` under
+    ``ipam/subnets`` written by earlier versions, is read by ``from_dict``
+    (and written by ``to_dict``) for the migration only.
+    """
 
     subnets: dict[str, SubnetReservation] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Iterable[SubnetReservation]) -> SubnetTable:
+        return cls({rec.cidr: rec for rec in records})
 
     def to_dict(self) -> dict[str, Any]:
         return {"subnets": {cidr: rec.to_dict() for cidr, rec in self.subnets.items()}}
@@ -435,13 +522,7 @@ class SubnetTable:
         return sorted(self.subnets.values(), key=lambda r: _sort_key(r.network))
 
     def overlapping(self, net: IPNetwork) -> list[SubnetReservation]:
-        return [
-            rec
-            for rec in self.sorted()
-            if rec.version == net.version
-            and rec.network.first <= net.last
-            and net.first <= rec.network.last
-        ]
+        return [rec for rec in self.sorted() if rec.overlaps(net)]
 
     def containing(self, address: IPAddress) -> SubnetReservation | None:
         for rec in self.subnets.values():
@@ -449,20 +530,14 @@ class SubnetTable:
                 return rec
         return None
 
-    def add(self, rec: SubnetReservation) -> None:
-        clash = self.overlapping(rec.network)
+    def check_free(self, net: IPNetwork) -> None:
+        """Conflict naming the reservations (and their ip-ranges) that overlap net."""
+        clash = self.overlapping(net)
         if clash:
-            names = ", ".join(r.cidr for r in clash)
+            names = ", ".join(r.describe() for r in clash)
             raise Conflict(
-                f"subnet {rec.cidr} overlaps subnet {names}, already used by another network"
+                f"subnet {net} overlaps subnet {names}, already used by another network"
             )
-        self.subnets[rec.cidr] = rec
-
-    def remove(self, cidr: str) -> SubnetReservation:
-        try:
-            return self.subnets.pop(cidr)
-        except KeyError:
-            raise NotFound(f"unknown IPAM pool id {cidr!r}: no such network subnet") from None
 
 
 def carve(pool: IPNetwork, taken: Iterable[IPNetwork], prefixlen: int) -> IPNetwork | None:

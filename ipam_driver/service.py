@@ -3,44 +3,111 @@
 Every operation is read -> decide (pure code in ``pools`` / ``blocks``) ->
 compare-and-swap write, retried from the read when another writer got there
 first (bounded by ``max_attempts``; then Unavailable). Nothing is cached in
-memory, so any number of workers and processes may share one datastore.
+memory (except one flag: "this store has no legacy subnets document"), so any
+number of workers, processes and hosts may share one datastore.
 
 Datastore keys (all under ``datastore.base.ROOT``, values JSON):
 
 ``pools``
     One document, ``{"pools": [Pool...]}``: every pool, in address order.
-``ipam/subnets``
-    One document, ``{"subnets": {cidr: SubnetReservation}}``: every network
-    subnet Docker reserved with RequestPool. One document, so the overlap
-    check and the reservation are one compare-and-swap.
+``ipam/subnets/<cidr with "/" as "-">``
+    One SubnetReservation per network subnet, e.g. ``ipam/subnets/10.0.1.0-24``
+    (the pool id Docker gets is the CIDR): ``cidr``, ``pool``, ``block_size``,
+    ``id`` (unique per reservation), ``sub_pool`` (--ip-range), ``options``,
+    ``hosts`` (sorted: every host whose dockerd has a network on it),
+    ``created_revision`` (the record's create revision; absent while the
+    record is *pending*, see below) and ``migrated`` (copied from the legacy
+    document). One key per subnet, so ``docker network create`` on many hosts
+    does not rewrite one shared document.
+``ipam/subnets`` (legacy)
+    The single document ``{"subnets": {cidr: reservation}}`` of earlier
+    versions; moved to per-subnet keys and deleted on first use (Migration).
 ``ipam/blocks/<cidr with "/" as "-">``
     One AllocationBlock per claimed cell of a pool's block grid, e.g.
     ``ipam/blocks/10.0.1.64-26``. The block record holds its affinity host, so
     claiming a block is a single ``create`` (no separate affinity key that
     could disagree with it); a host's blocks are the blocks naming it. A block
     whose last address is released is deleted (its affinity goes with it).
+    Every address records its reservation id; a gateway also records the
+    hosts using it (``hosts``).
 
 Races and why they are safe:
 
-* Two networks reserving subnets: both CAS the one subnets document; the
-  loser re-reads and sees the winner's subnet.
+* Overlapping reservations, with only single-key compare-and-swap.
+  request_pool creates its record *pending* (``create`` fails if the CIDR's
+  key exists), then *decides* it: it lists every reservation and re-reads the
+  pools document; the record is doomed if an overlapping reservation has a
+  lower create revision (a pending record's mod revision is its create
+  revision, since pending records are never updated; a settled one carries
+  ``created_revision``, which later updates of ``hosts`` keep), or if its pool
+  is gone or being removed. A doomed record is deleted (CAS on the revision
+  read) and the request re-runs its checks, which now refuse it (or carve the
+  next free subnet); otherwise the record is *settled*: one update, on the
+  revision read, that writes ``created_revision``. Exactly the earliest
+  survives: revisions are store-wide and increasing, so of overlapping A
+  (created at a) and B (at b > a), B's listing comes after b > a, when A still
+  exists unless it is already deleted (a key that comes back is a new record
+  with a higher revision); B sees A and dooms itself, and A never yields to a
+  later record. The check is valid at any time after the create, so any
+  process may decide any pending record: a request that meets a pending
+  record of its own CIDR (another host creating the same network, or a
+  creator that crashed) decides it and goes on; decisions racing on one record
+  are CAS on its one revision and either outcome is correct. Pending records
+  count in overlap checks (that is what the argument needs), so a record
+  doomed by a pending one that is itself doomed later is refused needlessly: a
+  refusal in a race, never an overlap. Docker never sees a pending record:
+  request_pool returns only settled ones; the address operations,
+  ``get_subnet``, ``list_subnets`` and ``list_pools`` ignore pending records.
+* ``remove_pool`` vs ``request_pool``: remove marks the pool ``deleting`` (CAS
+  on the pools document, at m), then lists the reservations in the pool (at
+  l > m): a settled one makes it refuse (and unmark); a pending one it decides
+  itself, and as its pools read comes after m it dooms it, unless the creator
+  settled it first (CAS on the same revision), and then remove refuses. A
+  request creates its record at c: if c < l remove sees it; if c > l > m, the
+  request's decision reads the pools after m and dooms its own record. So
+  either the removal is refused or the reservation is deleted: never a subnet
+  left in a removed pool.
+* Sharing one subnet between hosts (each host's dockerd creates its own
+  network ``web`` with the same --subnet): a host asking for exactly a settled
+  subnet it does not claim, with the same ip-range, adds itself to ``hosts``
+  (CAS on the record). ``release_pool`` removes the caller from ``hosts``
+  (CAS); the last host deletes the record (CAS on the same revision), so a
+  late claim and the final release never both succeed (a claim that lost
+  re-reads and creates a fresh reservation), and exactly one release deletes
+  the record and sweeps the subnet's leaked addresses.
+* The gateway of a shared subnet is allocated once; a gateway request on a
+  shared reservation adds the host to the gateway's ``hosts`` (CAS on its
+  block) and gets the same address. ``release_address`` of it removes the
+  caller and frees it only when no other host uses it and the reservation has
+  no other host; claim and free are CAS on the one block. (If the free wins
+  against a host that has just joined the reservation, that host's gateway
+  request allocates the address again, or is refused if a container took it
+  meanwhile: never two owners of one address.)
 * Two hosts claiming one block: ``create`` lets exactly one win; every other
   change to a block is an ``update`` or ``delete`` on the revision read.
 * ``release_pool`` vs ``request_address`` on the same subnet: the allocation
   is written first and the reservation re-read afterwards; if it is gone (or
   replaced by a new reservation of the same CIDR, recognised by its id), the
   allocation is undone. The sweep of ``release_pool`` runs after the
-  reservation is removed, so every allocation is either swept or undone.
-* ``remove_pool`` vs ``request_pool``: remove marks the pool ``deleting``
-  (request_pool no longer draws from it), then re-reads the subnets document,
-  checks it and rewrites it unchanged with a CAS (the "touch"). request_pool
-  reads the subnets document *before* the pools document and CASes on the
-  revision of that first read. A request that did not see the mark read the
-  subnets document before the mark, hence before remove's re-read; so either
-  its reservation was written before the re-read (remove sees it and refuses),
-  or the two CAS writes race on one revision and the loser retries: a losing
-  request then sees the mark, a losing remove sees the reservation. Refused
-  removals that found the pool in use with plain reads write nothing.
+  reservation is deleted and reads the live reservations after each block, so
+  every allocation is either swept or undone, and an allocation of a newer
+  reservation of the same CIDR is never swept.
+
+Migration from the legacy document, on first use by any operation that reads
+reservations: for each reservation in it, create its key as a pending
+``migrated`` record if absent; settle a pending migrated record only when the
+legacy document still exists *after* the pending record was read; once every
+record is settled, delete the legacy document with a CAS on the revision read
+(the commit). Several processes may do this at once: creates are
+create-if-absent, settles are CAS, the commit happens once, and the others
+then find no document. Ids are kept, so existing addresses stay tied to their
+subnets. A migrator that read the document before the commit but creates a
+key after it (maybe after a release deleted that subnet) leaves a pending
+migrated record that can never settle, because the document never comes
+back; so it cannot resurrect a released subnet: such records count as absent
+everywhere and are deleted when listed. Stop plugins of the previous version
+before upgrading: one that rewrites the document during the migration makes
+the commit fail and start over, but a reservation it dropped would remain.
 """
 
 from __future__ import annotations
@@ -56,6 +123,7 @@ from datastore.base import (
     ROOT,
     AlreadyExists,
     Datastore,
+    DatastoreError,
     Entry,
     RevisionConflict,
     cas_attempts,
@@ -63,7 +131,7 @@ from datastore.base import (
     unavailable_as_error,
 )
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
-from ipam_driver.blocks import AddressAllocation, AllocationBlock
+from ipam_driver.blocks import AddressAllocation, AddressInUse, AllocationBlock
 from ipam_driver.pools import (
     ADD_POOL_HINT,
     MAX_SUBNET_PREFIX,
@@ -81,7 +149,9 @@ from ipam_driver.pools import (
 )
 
 POOLS_KEY = ROOT + "pools"
-SUBNETS_KEY = ROOT + "ipam/subnets"
+SUBNETS_PREFIX = ROOT + "ipam/subnets/"
+# The single subnets document of earlier versions: read once, to migrate it.
+LEGACY_SUBNETS_KEY = ROOT + "ipam/subnets"
 BLOCKS_PREFIX = ROOT + "ipam/blocks/"
 
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
@@ -97,7 +167,11 @@ MAX_BLOCK_GETS = 16
 _CAS_ERRORS = (AlreadyExists, RevisionConflict)
 T = TypeVar("T")
 
+Held = tuple[Entry, SubnetReservation]
 
+
+def subnet_key(cidr: IPNetwork | str) -> str:
+    return SUBNETS_PREFIX + str(cidr).replace("/", "-")
 
 def block_key(cidr: IPNetwork | str) -> str:
     return BLOCKS_PREFIX + str(cidr).replace("/", "-")
@@ -164,6 +238,7 @@ class SubnetInfo:
     sub_pool: str | None
     gateway: str | None
     options: dict[str, str]
+    hosts: tuple[str, ...] = ()
 
     @property
     def v6(self) -> bool:
@@ -181,7 +256,17 @@ class SubnetInfo:
             "sub_pool": self.sub_pool,
             "gateway": self.gateway,
             "options": dict(self.options),
+            "hosts": list(self.hosts),
         }
+
+
+def _gateway_users(record: AddressAllocation) -> set[str]:
+    """The hosts using a gateway address (older records name only the requester)."""
+    hosts = record.attrs.get("hosts")
+    if hosts is None:
+        requester = record.attrs.get("requested_by")
+        return {str(requester)} if requester else set()
+    return {str(host) for host in hosts}
 
 
 def _allocation(
@@ -240,6 +325,7 @@ class IpamService:
         self.hostname = hostname
         self.network_prefix = {4: network_prefix_v4, 6: network_prefix_v6}
         self.max_attempts = max(1, max_attempts)
+        self._migrated = False
 
     # ================================================================== pools
 
@@ -328,9 +414,10 @@ class IpamService:
         pool = self._read_pools()[1].get(cidr)
         # Read-only check first: the usual refusal writes nothing (unless it has to
         # clear the mark of an earlier removal that was interrupted).
+        in_pool = [rec for _e, rec in self._list_reservations() if rec.overlaps(pool.network)]
         try:
             self._check_pool_unused(
-                pool, self._read_subnets()[1], self._blocks_in(pool.network)
+                pool, [rec for rec in in_pool if rec.settled], self._blocks_in(pool.network)
             )
         except Conflict:
             if pool.deleting:
@@ -338,18 +425,21 @@ class IpamService:
             raise
         self._set_deleting(pool.cidr, True)
         try:
-            for _ in self._attempts(f"removing pool {pool.cidr}"):
-                entry, table = self._read_subnets()
-                self._check_pool_unused(pool, table, [])
-                try:
-                    # Rewrite unchanged: any request_pool holding an older read now fails its CAS.
-                    self._write(SUBNETS_KEY, entry, table.to_dict())
-                except _CAS_ERRORS:
+            # Listed after the mark: a reservation created later dooms itself.
+            in_use = []
+            for entry, rec in self._list_reservations():
+                if not rec.overlaps(pool.network):
                     continue
-                break
+                if not rec.settled:
+                    decided = self._decide(entry.key)  # doomed: the pool is deleting
+                    if decided is None:
+                        continue
+                    rec = decided[1]
+                in_use.append(rec)
+            self._check_pool_unused(pool, in_use, [])
             for _ in self._attempts(f"removing the blocks of pool {pool.cidr}"):
                 blocks = self._blocks_in(pool.network)
-                self._check_pool_unused(pool, SubnetTable(), blocks)
+                self._check_pool_unused(pool, [], blocks)
                 try:
                     for entry, _block in blocks:
                         self.store.delete(entry.key, entry.revision)
@@ -372,7 +462,7 @@ class IpamService:
     def list_pools(self) -> list[PoolUsage]:
         """Every pool with its capacity, allocated addresses, subnets and blocks."""
         pools = self._read_pools()[1].pools
-        table = self._read_subnets()[1]
+        table = self._settled_table()
         blocks = [block for _entry, block in self._all_blocks()]
         usage = []
         for pool in pools:
@@ -402,7 +492,9 @@ class IpamService:
         """Reserve a network subnet (Docker's RequestPool): (pool_id, subnet cidr, data).
 
         pool is Docker's --subnet (None or "" to carve one), sub_pool its
-        --ip-range. The pool id is the subnet CIDR.
+        --ip-range. The pool id is the subnet CIDR. A subnet that another host
+        already reserved with the same ip-range is shared: this host is added
+        to its hosts and gets the same pool id. Carving never shares.
         """
         version = 6 if v6 else 4
         family = family_name(version)
@@ -427,38 +519,75 @@ class IpamService:
             if range_net.version != net.version or range_net not in net:
                 raise InvalidRequest(f"ip-range {range_net} is not inside subnet {net}")
         opts = {str(k): str(v) for k, v in (options or {}).items()}
+        wanted_range = str(range_net) if range_net is not None else None
 
         for _ in self._attempts("reserving a network subnet"):
-            # Subnets first, then pools: see remove_pool (the order is what makes
-            # the pool's "deleting" mark visible to any reservation that can win).
-            entry, table = self._read_subnets()
+            held = self._list_reservations()
             pools = self._read_pools()[1]
             if net is not None:
+                key = subnet_key(net)
+                exact = next(((e, r) for e, r in held if e.key == key), None)
+                if exact is not None:
+                    entry, existing = exact
+                    if not existing.settled:
+                        # Another host creating the same network right now (or a
+                        # creator that died): decide its record, then look again.
+                        self._decide(key)
+                        continue
+                    existing.check_share(wanted_range, self.hostname)
+                    try:
+                        self.store.update(
+                            key, dumps(existing.with_host(self.hostname).to_dict()),
+                            entry.revision,
+                        )
+                    except RevisionConflict:
+                        continue
+                    return existing.cidr, existing.cidr, {}
                 parent = self._parent_pool(pools, net)
+                SubnetTable.of(rec for _e, rec in held).check_free(net)
                 rec = self._reservation(net, parent, range_net, opts)
-                table.add(rec)
             else:
-                rec = self._carve(pools, table, version, opts)
-                table.add(rec)
+                rec = self._carve(pools, SubnetTable.of(r for _e, r in held), version, opts)
+            key = subnet_key(rec.cidr)
             try:
-                self._write(SUBNETS_KEY, entry, table.to_dict())
-            except _CAS_ERRORS:
+                created = self.store.create(key, dumps(rec.to_dict()))
+            except AlreadyExists:
+                continue
+            try:
+                decided = self._decide(key)
+            except BaseException:
+                self._abandon(key, created.revision)
+                raise
+            if decided is None or decided[1].id != rec.id:
+                # Doomed (an earlier overlapping subnet, or the pool is being
+                # removed): the next pass refuses with the reason, or carves on.
                 continue
             return rec.cidr, rec.cidr, {}
         raise AssertionError("unreachable")
 
     @_store_errors
     def release_pool(self, pool_id: str) -> list[str]:
-        """Drop a network subnet and free every address still allocated in it (leaks).
+        """This host gives up a network subnet (Docker's ReleasePool).
 
-        Returns the leaked addresses it freed. NotFound for an unknown pool id.
+        The subnet stays while other hosts claim it (returns []). The last host
+        deletes it and frees every address still allocated in it (leaks):
+        returns the leaked addresses freed. NotFound for an unknown pool id or
+        a subnet that this host does not claim.
         """
         for _ in self._attempts(f"releasing network subnet {pool_id}"):
-            entry, table = self._read_subnets()
-            rec = table.remove(pool_id)
+            entry, rec = self._get_reservation(pool_id)
+            if rec.hosts and self.hostname not in rec.hosts:
+                raise NotFound(
+                    f"network subnet {rec.cidr} is not claimed by host {self.hostname} "
+                    f"(it is claimed by {', '.join(rec.hosts)})"
+                )
+            remaining = rec.without_host(self.hostname)
             try:
-                self._write(SUBNETS_KEY, entry, table.to_dict())
-            except _CAS_ERRORS:
+                if remaining.hosts:
+                    self.store.update(entry.key, dumps(remaining.to_dict()), entry.revision)
+                    return []
+                self.store.delete(entry.key, entry.revision)
+            except RevisionConflict:
                 continue
             break
         freed: list[str] = []
@@ -468,14 +597,19 @@ class IpamService:
 
     @_store_errors
     def get_subnet(self, pool_id: str) -> SubnetInfo:
-        """The subnet, ip-range, options and gateway (if allocated) of a pool id."""
-        rec = self._get_reservation(pool_id)
+        """The subnet, ip-range, options, hosts and gateway (if allocated) of a pool id."""
+        rec = self._get_reservation(pool_id)[1]
         blocks = [b for _e, b in self._blocks_overlapping(rec.network, rec.block_size)]
         return self._subnet_info(rec, blocks)
 
     @_store_errors
+    def claimed_hosts(self, pool_id: str) -> list[str]:
+        """The hosts that hold a network on this subnet, sorted."""
+        return list(self._get_reservation(pool_id)[1].hosts)
+
+    @_store_errors
     def list_subnets(self) -> list[SubnetInfo]:
-        table = self._read_subnets()[1]
+        table = self._settled_table()
         blocks = [block for _entry, block in self._all_blocks()]
         return [self._subnet_info(rec, blocks) for rec in table.sorted()]
 
@@ -491,16 +625,25 @@ class IpamService:
         gateway (address, or the subnet's first usable one). An explicit address
         must lie inside the subnet (Conflict if taken) and is recorded as kind
         "aux" until assign_handle() ties it to an endpoint; automatic addresses
-        come from the ip-range (else the subnet), kind "container".
+        come from the ip-range (else the subnet), kind "container". On a subnet
+        shared by several hosts, a gateway request gets the gateway already
+        allocated (when it asks for no address or that one; Conflict naming it
+        for another one).
         """
         opts = {str(k): str(v) for k, v in (options or {}).items()}
         gateway = opts.pop(REQUEST_ADDRESS_TYPE, None) == GATEWAY_ADDRESS_TYPE
-        rec = self._get_reservation(pool_id)
+        rec = self._get_reservation(pool_id)[1]
         ip: IPAddress | None = None
         if address:
             ip = parse_address(address)
             self._check_usable(ip, rec)
-        elif gateway:
+        shared = gateway and len(rec.hosts) > 1
+        if shared:
+            joined = self._join_gateway(rec, ip)
+            if joined is not None:
+                self._check_still_reserved(rec, joined, undo=False)
+                return f"{joined}/{rec.network.prefixlen}"
+        if gateway and ip is None:
             ip = rec.first_usable()
         kind = KIND_GATEWAY if gateway else (KIND_AUX if ip is not None else KIND_CONTAINER)
         attrs: dict[str, Any] = {
@@ -509,34 +652,60 @@ class IpamService:
             "reservation": rec.id,
             "requested_by": self.hostname,
         }
+        if gateway:
+            attrs["hosts"] = [self.hostname]
         if opts:
             attrs["options"] = opts
         if ip is not None:
-            self._allocate_specific(rec, ip, attrs)
+            try:
+                self._allocate_specific(rec, ip, attrs)
+            except AddressInUse:
+                # Another host of a shared subnet may have allocated the gateway
+                # between our look and our write: then it is ours too.
+                joined = self._join_gateway(rec, ip) if shared else None
+                if joined is None:
+                    raise
+                self._check_still_reserved(rec, joined, undo=False)
+                return f"{joined}/{rec.network.prefixlen}"
         else:
             ip = self._allocate_auto(rec, attrs)
-        current = self._read_subnets()[1].get(rec.cidr)
-        if current is None or current.id != rec.id:
-            # release_pool ran meanwhile: its sweep may have missed this allocation.
-            self._release(rec, ip, only_reservation=rec.id)
-            raise NotFound(
-                f"network subnet {rec.cidr} was released while address {ip} was being "
-                "allocated"
-            )
+        self._check_still_reserved(rec, ip, undo=True)
         return f"{ip}/{rec.network.prefixlen}"
 
     @_store_errors
     def release_address(self, pool_id: str, address: str) -> None:
         """Free an address. NotFound for an unknown pool id or an address not allocated.
 
+        The gateway of a subnet that other hosts still claim (or whose gateway
+        other hosts use) stays allocated: this host only stops using it.
         Docker may repeat a ReleaseAddress; the HTTP layer may treat NotFound
         as success there.
         """
-        rec = self._get_reservation(pool_id)
+        rec = self._get_reservation(pool_id)[1]
         ip = parse_address(address)
         if ip.version != rec.version or ip not in rec.network:
             raise NotFound(f"address {ip} is not in subnet {rec.cidr}")
-        self._release(rec, ip)
+        other_hosts = set(rec.hosts) - {self.hostname}
+        key = block_key(grid_block(ip, ip.version, rec.block_size))
+
+        def release(block: AllocationBlock | None) -> tuple[bool, None]:
+            record = block.get(ip) if block is not None else None
+            if block is None or record is None:
+                raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
+            if (
+                record.attrs.get("kind") == KIND_GATEWAY
+                and record.attrs.get("reservation") == rec.id
+            ):
+                users = _gateway_users(record) - {self.hostname}
+                if users or other_hosts:
+                    if record.attrs.get("hosts") == sorted(users):
+                        return False, None
+                    record.attrs["hosts"] = sorted(users)
+                    return True, None
+            block.release(ip)
+            return True, None
+
+        self._change_block(key, f"releasing address {ip}", release)
 
     # ================================================================ handles
 
@@ -544,7 +713,7 @@ class IpamService:
     def assign_handle(self, address: str, handle: str) -> None:
         """Tag an allocated address with its endpoint id (kind "aux" becomes "container")."""
         ip = parse_address(address)
-        rec = self._read_subnets()[1].containing(ip)
+        rec = self._settled_table().containing(ip)
         if rec is None:
             raise NotFound(f"address {ip} is not in any network subnet")
         key = block_key(grid_block(ip, ip.version, rec.block_size))
@@ -605,15 +774,182 @@ class IpamService:
         entry = self.store.get(POOLS_KEY)
         return entry, PoolSet.from_dict(entry.data if entry else None)
 
-    def _read_subnets(self) -> tuple[Entry | None, SubnetTable]:
-        entry = self.store.get(SUBNETS_KEY)
-        return entry, SubnetTable.from_dict(entry.data if entry else None)
+    # ------------------------------------------------------ subnet reservations
 
-    def _get_reservation(self, pool_id: str) -> SubnetReservation:
-        rec = self._read_subnets()[1].get(str(pool_id))
-        if rec is None:
+    def _list_reservations(self) -> list[Held]:
+        """Every reservation record, pending or settled, in key order.
+
+        A pending migrated record left by a migrator that lost (see the module
+        docstring) can never settle: it is left out and deleted.
+        """
+        self._ensure_migrated()
+        held: list[Held] = []
+        for entry in self.store.list(SUBNETS_PREFIX):
+            rec = SubnetReservation.from_dict(entry.data)
+            if rec.migrated and not rec.settled:
+                try:
+                    self.store.delete(entry.key, entry.revision)
+                except RevisionConflict:
+                    pass
+                continue
+            held.append((entry, rec))
+        return held
+
+    def _settled_table(self) -> SubnetTable:
+        """The reservations Docker can know: the settled ones."""
+        return SubnetTable.of(rec for _entry, rec in self._list_reservations() if rec.settled)
+
+    def _get_reservation(self, pool_id: str) -> Held:
+        """The settled reservation of a pool id (its CIDR); NotFound otherwise."""
+        self._ensure_migrated()
+        entry = self.store.get(subnet_key(pool_id))
+        rec = SubnetReservation.from_dict(entry.data) if entry is not None else None
+        if entry is None or rec is None or not rec.settled or rec.cidr != str(pool_id):
             raise NotFound(f"unknown IPAM pool id {pool_id!r}: no such network subnet")
-        return rec
+        return entry, rec
+
+    def _decide(self, key: str) -> Held | None:
+        """Settle or delete the pending reservation at key; the settled record, or
+        None when it is (now) gone. A settled record is returned as it is."""
+        for _ in self._attempts("deciding a network subnet reservation"):
+            entry = self.store.get(key)
+            if entry is None:
+                return None
+            rec = SubnetReservation.from_dict(entry.data)
+            if rec.settled:
+                return entry, rec
+            # Called only after the migration: a pending migrated record is garbage.
+            doomed = rec.migrated or self._doomed(key, rec, entry.revision)
+            try:
+                if doomed:
+                    self.store.delete(key, entry.revision)
+                    return None
+                settled = rec.settle(entry.revision)
+                new = self.store.update(key, dumps(settled.to_dict()), entry.revision)
+            except RevisionConflict:
+                continue
+            return new, settled
+        raise AssertionError("unreachable")
+
+    def _abandon(self, key: str, revision: int) -> None:
+        """Best effort: delete our pending record after a failure (gave up, store
+        down). If that fails too, the next request of its subnet decides it."""
+        try:
+            self.store.delete(key, revision)
+        except DatastoreError:
+            pass
+
+    def _doomed(self, key: str, rec: SubnetReservation, created: int) -> bool:
+        """True if rec (created at revision created) must yield: an overlapping
+        reservation is older, or its pool is gone or being removed. Both reads
+        come after the create (see the module docstring)."""
+        net = rec.network
+        for entry, other in self._list_reservations():
+            if entry.key != key and other.overlaps(net) and other.order(entry.revision) < created:
+                return True
+        pool = self._read_pools()[1].containing(net)
+        return pool is None or pool.cidr != rec.pool or pool.deleting
+
+    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool) -> None:
+        """After an allocation: NotFound (and, with undo, the allocation freed) if the
+        reservation was released meanwhile, since its sweep may have missed it."""
+        entry = self.store.get(subnet_key(rec.cidr))
+        current = SubnetReservation.from_dict(entry.data) if entry is not None else None
+        if current is None or current.id != rec.id:
+            if undo:
+                self._release(rec, ip, only_reservation=rec.id)
+            raise NotFound(
+                f"network subnet {rec.cidr} was released while address {ip} was being "
+                "allocated"
+            )
+
+    # ---------------------------------------------------------------- migration
+
+    def _ensure_migrated(self) -> None:
+        """Move the legacy single subnets document to one key per subnet, once."""
+        if self._migrated:
+            return
+        for _ in self._attempts("moving the network subnets to one key each"):
+            legacy = self.store.get(LEGACY_SUBNETS_KEY)
+            if legacy is None:
+                self._migrated = True
+                return
+            table = SubnetTable.from_dict(legacy.data)
+            if not all(self._migrate_one(rec) for rec in table.sorted()):
+                continue  # the document is gone: another process committed
+            try:
+                self.store.delete(LEGACY_SUBNETS_KEY, legacy.revision)
+            except RevisionConflict:
+                continue
+            self._migrated = True
+            return
+
+    def _migrate_one(self, rec: SubnetReservation) -> bool:
+        """Make rec's key hold a settled record; False if the legacy document is gone."""
+        key = subnet_key(rec.cidr)
+        pending = replace(rec, created_revision=None, migrated=True)
+        for _ in self._attempts(f"moving network subnet {rec.cidr}"):
+            entry = self.store.get(key)
+            if entry is None:
+                try:
+                    entry = self.store.create(key, dumps(pending.to_dict()))
+                except AlreadyExists:
+                    continue
+            current = SubnetReservation.from_dict(entry.data)
+            if current.settled or not current.migrated:
+                return True
+            # Settle only if the document still exists after the record was read:
+            # then the record was created before the commit (never resurrected).
+            if self.store.get(LEGACY_SUBNETS_KEY) is None:
+                return False
+            try:
+                self.store.update(key, dumps(current.settle(entry.revision).to_dict()),
+                                  entry.revision)
+            except RevisionConflict:
+                continue
+            return True
+        raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------------- gateways
+
+    def _find_gateway(self, rec: SubnetReservation) -> IPAddress | None:
+        blocks = [b for _e, b in self._blocks_overlapping(rec.network, rec.block_size)]
+        gateway = self._gateway_in(rec, blocks)
+        return IPAddress(gateway) if gateway is not None else None
+
+    def _join_gateway(self, rec: SubnetReservation, ip: IPAddress | None) -> IPAddress | None:
+        """On a shared subnet: the gateway already allocated for rec, with this host
+        added to its users; None if there is none yet. Conflict if ip is another."""
+        for _ in self._attempts(f"sharing the gateway of {rec.cidr}"):
+            gateway = self._find_gateway(rec)
+            if gateway is None:
+                return None
+            if ip is not None and ip != gateway:
+                raise Conflict(
+                    f"network subnet {rec.cidr} (shared by {', '.join(rec.hosts)}) already "
+                    f"has gateway {gateway}: the same network on another host must use "
+                    f"that gateway, not {ip}"
+                )
+            key = block_key(grid_block(gateway, gateway.version, rec.block_size))
+
+            def join(block: AllocationBlock | None, gateway: IPAddress = gateway
+                     ) -> tuple[bool, bool]:
+                record = block.get(gateway) if block is not None else None
+                if (
+                    record is None
+                    or record.attrs.get("kind") != KIND_GATEWAY
+                    or record.attrs.get("reservation") != rec.id
+                ):
+                    return False, False  # released meanwhile: look again
+                users = _gateway_users(record)
+                if self.hostname in users and "hosts" in record.attrs:
+                    return False, True
+                record.attrs["hosts"] = sorted(users | {self.hostname})
+                return True, True
+
+            if self._change_block(key, f"sharing gateway {gateway}", join):
+                return gateway
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ pool helpers
 
@@ -646,9 +982,10 @@ class IpamService:
 
     @staticmethod
     def _check_pool_unused(
-        pool: Pool, table: SubnetTable, blocks: list[tuple[Entry, AllocationBlock]]
+        pool: Pool, reservations: list[SubnetReservation],
+        blocks: list[tuple[Entry, AllocationBlock]],
     ) -> None:
-        subnets = [rec.cidr for rec in table.overlapping(pool.network)]
+        subnets = [rec.cidr for rec in SubnetTable.of(reservations).overlapping(pool.network)]
         if subnets:
             raise Conflict(
                 f"pool {pool.cidr} is in use by network subnet(s) {', '.join(subnets)}; "
@@ -703,7 +1040,7 @@ class IpamService:
             id=uuid.uuid4().hex,
             sub_pool=str(sub_pool) if sub_pool is not None else None,
             options=dict(options),
-            host=self.hostname,
+            hosts=(self.hostname,),
         )
 
     def _carve(
@@ -729,7 +1066,19 @@ class IpamService:
         )
 
     def _subnet_info(self, rec: SubnetReservation, blocks: list[AllocationBlock]) -> SubnetInfo:
-        gateway = None
+        return SubnetInfo(
+            pool_id=rec.cidr,
+            cidr=rec.cidr,
+            pool=rec.pool,
+            sub_pool=rec.sub_pool,
+            gateway=self._gateway_in(rec, blocks),
+            options=dict(rec.options),
+            hosts=rec.hosts,
+        )
+
+    @staticmethod
+    def _gateway_in(rec: SubnetReservation, blocks: list[AllocationBlock]) -> str | None:
+        """The gateway allocated for rec (kind gateway, rec's id) in blocks, if any."""
         net = rec.network
         for block in blocks:
             if block.version != net.version or not (
@@ -742,16 +1091,8 @@ class IpamService:
                     and record.attrs.get("kind") == KIND_GATEWAY
                     and record.attrs.get("reservation") == rec.id
                 ):
-                    gateway = str(ip)
-                    break
-        return SubnetInfo(
-            pool_id=rec.cidr,
-            cidr=rec.cidr,
-            pool=rec.pool,
-            sub_pool=rec.sub_pool,
-            gateway=gateway,
-            options=dict(rec.options),
-        )
+                    return str(ip)
+        return None
 
     # ----------------------------------------------------------- block access
 
@@ -902,7 +1243,7 @@ class IpamService:
         """Free the addresses of a released subnet left in one block.
 
         An allocation is swept when it lies in the subnet and its reservation is
-        not live. The subnets document is read *after* the block, so an
+        not live. The reservations are listed *after* the block is read, so an
         allocation made for a newer reservation of the same CIDR is seen as live.
         """
         net = rec.network
@@ -911,7 +1252,7 @@ class IpamService:
             if entry is None:
                 return []
             block = AllocationBlock.from_dict(entry.data)
-            live = {r.id for r in self._read_subnets()[1].subnets.values()}
+            live = {r.id for _e, r in self._list_reservations()}
             freed = block.release_where(
                 lambda ip, record, live=live: ip in net
                 and record.attrs.get("reservation") not in live

@@ -23,15 +23,19 @@ from collections.abc import Callable
 
 from dataplane.netlink import Netlink
 from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
+from driver.cluster import NetworkSpec, SubnetSpec, sync_actions
 from driver.reconcile import reconcile_routes
-from driver.records import ENDPOINTS, NETWORKS
+from driver.records import ENDPOINTS, NETWORKS, NetworkRecord
 from driver.service import NetworkService
 from plugin.app import build_ipam, build_network_service
-from plugin.docker_names import DockerNames
+from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
 from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
 from profiles.iptables import PolicyWriter
+from routing.nodes import NodeRegistry, NodeStatus, local_node, now
+from routing.sync import RouteSync
+from routing.tunnels import ensure_tunnel_addresses
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +52,31 @@ class Agent:
         name_lookup: Callable[[str], str | None] | None = None,
         network_state: NetworkState | None = None,
         stale_grace: float | None = None,
+        docker_networks: DockerNetworks | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._writer = writer or PolicyWriter()
         self._netlink_factory = netlink_factory
+        self._ipam = build_ipam(settings, store)
         self._networks: NetworkService = build_network_service(
-            settings, store, build_ipam(settings, store), netlink_factory, name_lookup
+            settings, store, self._ipam, netlink_factory, name_lookup
         )
+        self._docker = docker_networks or DockerNetworks(settings.docker_host)
         self._collector = StaleCollector(
             store, self._networks, settings.hostname,
-            network_state or DockerNames().network_state,
+            network_state or DockerNames(settings.docker_host).network_state,
             settings.stale_grace if stale_grace is None else stale_grace,
         )
         self._stop = threading.Event()
         self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
         self._policy = HostPolicy(settings.hostname, policy_settings(settings))
         self._warnings: set[str] = set()
+        self._registry = NodeRegistry(store)
+        self._routes = RouteSync(store, settings.hostname, netlink_factory)
+        self._started = now()
+        self._last_resync: float | None = None
+        self._node_errors: list[str] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -77,6 +89,87 @@ class Agent:
                 "routes: %d restored, %d removed; %d stale veth(s) removed",
                 len(report.routes_added), len(report.routes_removed), len(report.links_removed),
             )
+
+    def register_node(self) -> None:
+        """(Re)writes this host's node record from its interfaces (addresses can
+        change while the agent runs; the record is rewritten only when they do)."""
+        settings = self._settings
+        with self._netlink_factory() as netlink:
+            record = local_node(
+                settings.hostname, netlink.list_addresses(), netlink.link_mtu,
+                netlink.source_address, settings.node_ip, settings.node_ipv6,
+                settings.ip_autodetection, settings.ipv6_autodetection, settings.as_number,
+            )
+        registered = self._registry.register(record)
+        registered = ensure_tunnel_addresses(self._ipam, self._registry, registered)
+        self._routes.apply_node(registered)
+
+    def sync_networks(self) -> None:
+        """Creates in this host's Docker the cluster's networks it lacks, and removes
+        those removed on another host (only with --sync-networks)."""
+        if not self._settings.sync_networks:
+            return
+        names = self._docker.network_names()
+        if names is None:
+            return  # Docker does not answer: next time
+        records = []
+        for entry in self._store.list(NETWORKS):
+            try:
+                records.append(NetworkRecord.from_dict(entry.data))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        actions = sync_actions(self._settings.hostname, records, names)
+        for record in actions.remove:
+            log.info("network %r was removed on another host; removing it here",
+                     record.name)
+            try:
+                self._docker.remove_network(record.id)
+            except Exception as exc:
+                log.warning("removing network %r failed (containers here?): %s",
+                            record.name, exc)
+        for record in actions.create:
+            spec = self._network_spec(record)
+            log.info("creating cluster network %r here (from host %s)", spec.name,
+                     record.hostname)
+            try:
+                self._docker.create_network(spec, self._settings.network_driver_name,
+                                            self._settings.ipam_driver_name)
+            except Exception as exc:
+                log.warning("creating network %r failed: %s", spec.name, exc)
+
+    def _network_spec(self, record: NetworkRecord) -> NetworkSpec:
+        subnets = []
+        for subnet in (record.ipv4, record.ipv6):
+            if subnet is None:
+                subnets.append(None)
+                continue
+            try:
+                ip_range = self._ipam.get_subnet(subnet.pool_id or subnet.cidr).sub_pool
+            except Exception:
+                ip_range = None
+            subnets.append(SubnetSpec(subnet.cidr, subnet.gateway, ip_range))
+        return NetworkSpec(record.name, subnets[0], subnets[1], dict(record.options),
+                           record.internal)
+
+    def program_routes(self) -> None:
+        report = self._routes.program()
+        self._node_errors = list(report.errors)
+
+    def report_status(self) -> None:
+        """The heartbeat, with what this node knows of its routing."""
+        plan = self._routes.plan
+        report = self._routes.last_report
+        peers = []
+        if plan is not None:
+            for peer in sorted(plan.peers.values(), key=lambda p: p.name):
+                peers.append({"name": peer.name, "modes": sorted(peer.modes),
+                              "routes": peer.routes, "unreachable": peer.unreachable})
+        self._registry.report(NodeStatus(
+            name=self._settings.hostname, heartbeat=now(), started=self._started,
+            last_resync=self._last_resync, errors=self._node_errors,
+            tunnels=dict(report.tunnels) if report else {}, peers=peers,
+            routes=len(plan.routes) if plan else 0,
+        ))
 
     @property
     def host_policy(self) -> HostPolicy:
@@ -104,17 +197,30 @@ class Agent:
         # route cannot be restored); the first failure is raised afterwards.
         failure: Exception | None = None
         steps: list[Callable[[], object]] = [
+            self.register_node,
             lambda: self._collector.collect(time.monotonic()),
             self._networks.resolve_pending_networks,
+            self.sync_networks,
             self.reconcile_routes,
+            self._routes.load,
+            self.program_routes,
             lambda: self.program_policy(full=True),
         ]
+        errors: list[str] = []
         for step in steps:
             try:
                 step()
             except Exception as exc:
                 log.exception("agent resync step failed")
+                errors.append(str(exc))
                 failure = failure or exc
+        self._last_resync = now()
+        self._node_errors = errors + self._node_errors if errors else self._node_errors
+        try:
+            self.report_status()
+        except Exception as exc:
+            log.exception("reporting this node's status failed")
+            failure = failure or exc
         if failure is not None:
             raise failure
 
@@ -123,9 +229,12 @@ class Agent:
         # the datastore's side) and enforcement is what a new container waits for.
         if self._policy.apply_events(events):
             self.program_policy(full=False)  # loads the model first if it never was
+        if self._routes.apply_events(events):
+            self.program_routes()
         keys = [event.key for event in events]
         if any(k.startswith(NETWORKS) for k in keys):
             self._networks.resolve_pending_networks()
+            self.sync_networks()
         if any(k.startswith(self._local_endpoints) for k in keys):
             self.reconcile_routes()
 

@@ -20,6 +20,7 @@ from ipam_driver.http import ipam_blueprint
 from ipam_driver.service import IpamService
 from plugin.docker_names import DockerNames
 from plugin.settings import Settings
+from routing.mtu import veth_mtu
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def build_network_service(
 ) -> NetworkService:
     return NetworkService(
         store, ipam, settings.hostname, netlink_factory or Netlink,
-        name_lookup or DockerNames().network_name,
+        name_lookup or DockerNames(settings.docker_host).network_name,
+        mtu_for=lambda subnets: veth_mtu(store, settings.hostname, subnets),
     )
 
 

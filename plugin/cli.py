@@ -17,6 +17,7 @@ from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
 from plugin.app import build_ipam, build_network_service, open_datastore
+from plugin.node_cli import add_node_commands
 from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv
 from plugin.settings import Settings
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint_remove.set_defaults(handler=cmd_endpoint_remove)
 
     add_profile_commands(commands, common)
+    add_node_commands(commands, common)
 
     uninstall = commands.add_parser(
         "uninstall", parents=[common],

@@ -14,11 +14,13 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
+
+from driver.cluster import NetworkSpec
 
 log = logging.getLogger(__name__)
 
-DOCKER_SOCKET = "unix:///var/run/docker.sock"
 # dockerd 20.10 speaks API 1.41; a fixed version avoids a negotiation round trip.
 API_VERSION = "1.41"
 
@@ -28,7 +30,7 @@ NETWORK_GONE: tuple[bool, frozenset[str]] = (False, frozenset())
 
 
 class DockerNames:
-    def __init__(self, base_url: str = DOCKER_SOCKET, timeout: float = 1.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 1.0) -> None:
         self._base_url = base_url
         self._timeout = timeout
 
@@ -61,3 +63,55 @@ class DockerNames:
             log.debug("inspecting network %s failed: %s", network_id, exc)
             return None
         return True, frozenset(str(c.get("EndpointID", "")) for c in containers.values())
+
+
+class DockerNetworks(DockerNames):
+    """The agent's side of the Docker API: list, create and remove networks (the
+    network sync). Longer timeout: dockerd calls this host's plugin meanwhile."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        super().__init__(base_url, timeout)
+
+    def _client(self) -> docker.APIClient:
+        return docker.APIClient(base_url=self._base_url, version=API_VERSION,
+                                timeout=self._timeout)
+
+    def network_names(self) -> set[str] | None:
+        """Every network name this Docker has, or None when it does not answer."""
+        try:
+            client = self._client()
+            try:
+                return {str(n["Name"]) for n in client.networks()}
+            finally:
+                client.close()
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                OSError) as exc:
+            log.debug("listing networks failed: %s", exc)
+            return None
+
+    def create_network(self, spec: NetworkSpec, driver: str, ipam_driver: str) -> str:
+        pools = []
+        for subnet in (spec.ipv4, spec.ipv6):
+            if subnet is not None:
+                pools.append(docker.types.IPAMPool(
+                    subnet=subnet.cidr, iprange=subnet.ip_range, gateway=subnet.gateway))
+        client = self._client()
+        try:
+            reply = client.create_network(
+                spec.name, driver=driver, options=spec.options or None,
+                ipam=docker.types.IPAMConfig(driver=ipam_driver, pool_configs=pools),
+                internal=spec.internal, enable_ipv6=spec.ipv6 is not None,
+                check_duplicate=True,
+            )
+            return str(reply["Id"])
+        finally:
+            client.close()
+
+    def remove_network(self, network_id: str) -> None:
+        client = self._client()
+        try:
+            client.remove_network(network_id)
+        except docker.errors.NotFound:
+            return
+        finally:
+            client.close()

@@ -40,12 +40,13 @@ from profiles.compiler import (
 )
 from profiles.model import Profile
 from profiles.store import PROFILES
+from routing.nodes import NODES, NodeRecord
 
 log = logging.getLogger(__name__)
 
 # Keys whose changes can change policy; IPAM blocks change on every allocation and
 # never do.
-POLICY_PREFIXES = (ENDPOINTS, NETWORKS, PROFILES, POOLS_KEY)
+POLICY_PREFIXES = (ENDPOINTS, NETWORKS, PROFILES, POOLS_KEY, NODES)
 
 
 def policy_settings(settings: Settings) -> PolicySettings:
@@ -92,19 +93,25 @@ class HostPolicy:
         # endpoint model id ("<host>/<id>") -> (record, local)
         self._endpoints: dict[str, tuple[EndpointRecord, bool]] = {}
         self._by_network: dict[str, set[str]] = {}
+        self._encapsulation = (False, False)  # (vxlan, ipip) used by any pool
+        self._node_addresses: dict[str, str] = {}  # other nodes' IPv4 addresses
+
+    def _set_tunnels(self) -> None:
+        self.model.set_tunnels(*self._encapsulation, self._node_addresses.values())
 
     # -- whole reads and events --------------------------------------------------------------
 
     def load(self, store: Datastore) -> HostPolicy:
         """Rebuild everything from a full read of the datastore."""
         profiles = store.list(PROFILES)
+        nodes = store.list(NODES)
         pools = store.get(POOLS_KEY)
         networks = store.list(NETWORKS)
         endpoints = store.list(ENDPOINTS)
         self._reset()
         self.loaded = True
         # Profiles and networks first, so each endpoint is set once, complete.
-        for entry in (*profiles, *([pools] if pools is not None else []), *networks,
+        for entry in (*profiles, *nodes, *([pools] if pools is not None else []), *networks,
                       *endpoints):
             self._put(entry.key, entry.value)
         return self
@@ -138,15 +145,21 @@ class HostPolicy:
             self._put_network(key[len(NETWORKS):], data)
         elif key.startswith(PROFILES):
             self._put_profile(key[len(PROFILES):], data)
+        elif key.startswith(NODES):
+            self._put_node(key[len(NODES):], data)
         elif key == POOLS_KEY:
             try:
                 if isinstance(data, Exception):
                     raise data
                 pools = parse_pools(data)
+                modes = PoolSet.from_dict(data).pools
+                self._encapsulation = (any(p.vxlan for p in modes), any(p.ipip for p in modes))
             except Exception as exc:  # noqa: BLE001 - a bad document: no pools
                 log.warning("policy: pools document unreadable, treated as empty: %s", exc)
                 pools = []
+                self._encapsulation = (False, False)
             self.model.set_pools(pools)
+            self._set_tunnels()
 
     def _delete(self, key: str) -> None:
         if key.startswith(ENDPOINTS):
@@ -161,8 +174,30 @@ class HostPolicy:
                 self._refresh_network(network_id)
         elif key.startswith(PROFILES):
             self.model.remove_profile(key[len(PROFILES):])
+        elif key.startswith(NODES):
+            self._node_addresses.pop(key[len(NODES):], None)
+            self._set_tunnels()
         elif key == POOLS_KEY:
             self.model.set_pools(())
+            self._encapsulation = (False, False)
+            self._set_tunnels()
+
+    def _put_node(self, name: str, data: Any) -> None:
+        if name == self.hostname:
+            return
+        try:
+            if isinstance(data, Exception):
+                raise data
+            record = NodeRecord.from_dict(data)
+        except Exception as exc:  # noqa: BLE001 - unreadable: not a known node
+            log.warning("policy: node record %s unreadable: %s", name, exc)
+            self._node_addresses.pop(name, None)
+        else:
+            if record.ipv4:
+                self._node_addresses[name] = record.ipv4.split("/")[0]
+            else:
+                self._node_addresses.pop(name, None)
+        self._set_tunnels()
 
     def _forget_network_member(self, network_id: str, model_id: str) -> None:
         holders = self._by_network.get(network_id)

@@ -15,7 +15,9 @@ from datastore.errors import InvalidRequest
 
 DEFAULT_SQLITE_PATH = "/var/lib/calico-cnm/state.db"
 DEFAULT_PLUGIN_DIR = "/run/docker/plugins"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
+AUTODETECTION_METHODS = ("first-found", "interface=REGEX", "can-reach=DESTINATION")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
@@ -40,6 +42,14 @@ class Settings:
     workload_to_host: str = "drop"
     log_level: str = "info"
     run_agent: bool = True
+    docker_host: str = DEFAULT_DOCKER_HOST
+    node_ip: str | None = None
+    node_ipv6: str | None = None
+    ip_autodetection: str = "first-found"
+    ipv6_autodetection: str = "first-found"
+    as_number: int = 64512
+    sync_networks: bool = True
+    node_timeout: float = 30.0
 
     @property
     def uses_etcd(self) -> bool:
@@ -81,12 +91,58 @@ class Settings:
             raise InvalidRequest("resync interval must be positive")
         if self.stale_grace < 0:
             raise InvalidRequest("stale grace must not be negative")
+        if not re.match(r"^(unix|tcp|http|https)://\S+$", self.docker_host):
+            raise InvalidRequest(
+                f"docker host {self.docker_host!r} is not a URL like "
+                f"{DEFAULT_DOCKER_HOST} or tcp://127.0.0.1:2375"
+            )
+        for flag, value, version in (("node-ip", self.node_ip, 4),
+                                     ("node-ipv6", self.node_ipv6, 6)):
+            if value is None:
+                continue
+            try:
+                address = netaddr.IPNetwork(value)
+            except (netaddr.AddrFormatError, ValueError) as exc:
+                raise InvalidRequest(f"--{flag} {value!r} is not an address") from exc
+            if address.version != version:
+                raise InvalidRequest(f"--{flag} {value!r} is not an IPv{version} address")
+        for flag, method in (("ip-autodetection", self.ip_autodetection),
+                             ("ipv6-autodetection", self.ipv6_autodetection)):
+            check_autodetection(flag, method)
+        if not 1 <= self.as_number <= 4294967295:
+            raise InvalidRequest(f"AS number {self.as_number} is out of range (1 to 4294967295)")
+        if self.node_timeout <= 0:
+            raise InvalidRequest("node timeout must be positive")
         if self.workload_to_host not in WORKLOAD_TO_HOST_ACTIONS:
             raise InvalidRequest(
                 f"workload-to-host action {self.workload_to_host!r} is not one of "
                 + ", ".join(WORKLOAD_TO_HOST_ACTIONS)
             )
         return self
+
+
+def check_autodetection(flag: str, method: str) -> None:
+    """InvalidRequest unless method is first-found, interface=REGEX or can-reach=DEST."""
+    if method == "first-found":
+        return
+    kind, _, value = method.partition("=")
+    if kind == "interface" and value:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise InvalidRequest(f"--{flag}: {value!r} is not a regular expression: {exc}") \
+                from None
+        return
+    if kind == "can-reach" and value:
+        try:
+            netaddr.IPAddress(value)
+        except (netaddr.AddrFormatError, ValueError):
+            raise InvalidRequest(f"--{flag}: can-reach needs an address, not {value!r}") \
+                from None
+        return
+    raise InvalidRequest(
+        f"--{flag} {method!r} is not one of {', '.join(AUTODETECTION_METHODS)}"
+    )
 
 
 # Settings field -> environment variable. Flags use the same names with dashes.
@@ -110,6 +166,14 @@ ENVIRONMENT = {
     "workload_to_host": "CALICO_CNM_WORKLOAD_TO_HOST",
     "log_level": "CALICO_CNM_LOG_LEVEL",
     "run_agent": "CALICO_CNM_RUN_AGENT",
+    "docker_host": "DOCKER_HOST",
+    "node_ip": "CALICO_CNM_NODE_IP",
+    "node_ipv6": "CALICO_CNM_NODE_IPV6",
+    "ip_autodetection": "CALICO_CNM_IP_AUTODETECTION",
+    "ipv6_autodetection": "CALICO_CNM_IPV6_AUTODETECTION",
+    "as_number": "CALICO_CNM_AS_NUMBER",
+    "sync_networks": "CALICO_CNM_SYNC_NETWORKS",
+    "node_timeout": "CALICO_CNM_NODE_TIMEOUT",
 }
 
 HELP = {
@@ -138,6 +202,17 @@ HELP = {
     "log_level": "debug, info, warning or error (default info)",
     "run_agent": "whether `serve` also runs the per-host agent: true or false (default "
     "true; false when `calico-cnm agent` runs as its own service)",
+    "docker_host": f"the Docker API the plugin uses (default {DEFAULT_DOCKER_HOST})",
+    "node_ip": "this node's IPv4 address, with its prefix length (default: autodetected)",
+    "node_ipv6": "this node's IPv6 address, with its prefix length (default: autodetected)",
+    "ip_autodetection": "how to find the node's IPv4 address: first-found, "
+    "interface=REGEX or can-reach=DESTINATION (default first-found)",
+    "ipv6_autodetection": "the same for IPv6 (default first-found)",
+    "as_number": "this node's BGP AS number (default 64512)",
+    "sync_networks": "create every calico network of the cluster in this host's Docker, "
+    "and remove it when it is removed elsewhere: true or false (default true)",
+    "node_timeout": "seconds without a heartbeat after which a node counts as down "
+    "(default 30)",
 }
 
 

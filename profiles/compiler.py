@@ -142,6 +142,9 @@ OUTPUT_CHAIN = "cali-OUTPUT"
 POSTROUTING_CHAIN = "cali-POSTROUTING"
 
 ENDPOINT_SET_TYPE = "hash:net,iface"
+# Known nodes' addresses: the only sources encapsulated traffic is accepted from.
+NODES_SET = "cali4-nodes"
+VXLAN_PORT = 4789
 WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
 PORT_MAPPING_PROTOCOLS = ("tcp", "udp", "sctp")
 # ICMPv6 a workload must be able to send to its host: MLD (130-132, 143), router
@@ -678,6 +681,8 @@ class PolicyModel:
         self._pool_warnings: list[str] = []
         self._mappings: dict[str, list[tuple[PortMapping, _Mapping | str]]] = {}
         self._settings = settings or PolicySettings()
+        self._tunnel_rules: list[str] = []
+        self._tunnel_sets: dict[str, IpSet] = {}
         self._reset_endpoints()
         self._configure()
         self.set_pools(())
@@ -754,6 +759,19 @@ class PolicyModel:
                     cidr for cidr, v, nat in parsed if v == version and nat)),
             }
         self._pool_warnings = warnings
+
+    def set_tunnels(self, vxlan: bool, ipip: bool, node_addresses: Iterable[str]) -> None:
+        """While pools encapsulate, VXLAN (UDP 4789) and IP-in-IP (protocol 4) reach
+        this host only from known nodes' addresses; the rest is dropped in cali-INPUT."""
+        rules = []
+        if vxlan:
+            rules.append(f"-p udp -m udp --dport {VXLAN_PORT} -m set ! --match-set "
+                         f"{NODES_SET} src -j DROP")
+        if ipip:
+            rules.append(f"-p ipencap -m set ! --match-set {NODES_SET} src -j DROP")
+        self._tunnel_rules = rules
+        addresses = frozenset(a for a in node_addresses if netaddr.valid_ipv4(a))
+        self._tunnel_sets = {NODES_SET: IpSet("hash:ip", "inet", addresses)} if rules else {}
 
     def set_port_mappings(self, mappings: Iterable[PortMapping], owner: str = "") -> None:
         """Replace the port mappings of ``owner`` (an endpoint id, or "" for mappings
@@ -1102,6 +1120,8 @@ class PolicyModel:
         warnings: list[str],
     ) -> DesiredState:
         filter_chains = dict(self._fixed[version])
+        if version == 4 and self._tunnel_rules:
+            filter_chains[INPUT_CHAIN] = self._tunnel_rules + filter_chains[INPUT_CHAIN]
         for name in used:
             filter_chains.update(self._profiles[name].chains[version])
         from_rules: list[str] = []
@@ -1127,6 +1147,8 @@ class PolicyModel:
                 ("t", tag, version), "hash:ip", by_tag.get(tag, ())
             )
         ipsets.update(self._pool_sets[version])
+        if version == 4:
+            ipsets.update(self._tunnel_sets)
         nat_chains = {
             PREROUTING_CHAIN: self._prerouting[version],
             OUTPUT_CHAIN: self._output[version],

@@ -19,6 +19,7 @@ from profiles.compiler import CompiledPolicy, endpoint_set_name
 from profiles.grammar import parse_rule
 from profiles.iptables import ApplyReport, PolicyWriter
 from profiles.store import ProfileStore
+from tests.unit.fake_docker import FakeDockerNetworks
 from tests.unit.fakes import FakeKernel
 
 
@@ -56,9 +57,11 @@ def test_events_reach_the_kernel_and_a_resync_repairs_a_missed_one(tmp_path: Pat
     store = SqliteDatastore(str(tmp_path / "state.db"))
     IpamService(store, "h1").add_pool("10.1.0.0/16", nat_outgoing=True)
     kernel = FakeKernel()
+    kernel.add_link("eth0", addresses=["10.0.0.1/24"])
     writer = KernelPolicy()
     names: dict[str, str] = {}  # the Docker API's answers: none yet
-    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+                  docker_networks=FakeDockerNetworks(), network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup=names.get)
 
     # A network whose name is not known yet, and a container on it.
@@ -120,9 +123,11 @@ def test_a_network_name_that_cannot_name_a_profile_does_not_stop_the_agent(
     the resync still programs routes and policy."""
     store = SqliteDatastore(str(tmp_path / "state.db"))
     kernel = FakeKernel()
+    kernel.add_link("eth0", addresses=["10.0.0.1/24"])
     writer = KernelPolicy()
     names = {"n1": "my net", "n2": "web"}
-    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+                  docker_networks=FakeDockerNetworks(), network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup=names.get)
     for network_id, cidr in (("n1", "10.1.0"), ("n2", "10.2.0")):
         network = NetworkRecord(id=network_id, ipv4=Subnet(f"{cidr}.0/24", f"{cidr}.1"),
@@ -162,8 +167,10 @@ def test_agent_survives_a_datastore_that_is_down_when_it_starts(tmp_path: Path) 
     etcd did not answer at start-up leaves the host with no policy at all."""
     store = StartingEtcd(str(tmp_path / "state.db"), failures=1)
     kernel = FakeKernel()
+    kernel.add_link("eth0", addresses=["10.0.0.1/24"])
     writer = KernelPolicy()
     agent = Agent(Settings(hostname="h1", resync_interval=60), store, writer=writer,
+                  docker_networks=FakeDockerNetworks(),
                   network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup={}.get)
     outcome: list[BaseException] = []
@@ -189,8 +196,10 @@ def test_an_unreadable_network_record_fails_only_its_own_endpoints(tmp_path: Pat
     endpoints closed" -- the resync must still program everything else."""
     store = SqliteDatastore(str(tmp_path / "state.db"))
     kernel = FakeKernel()
+    kernel.add_link("eth0", addresses=["10.0.0.1/24"])
     writer = KernelPolicy()
-    agent = Agent(Settings(hostname="h1"), store, writer=writer, network_state=_no_docker,
+    agent = Agent(Settings(hostname="h1"), store, writer=writer,
+                  docker_networks=FakeDockerNetworks(), network_state=_no_docker,
                   netlink_factory=kernel.netlink, name_lookup={"n2": "web"}.get)
     store.create(network_key("n1"), dumps({"written by": "a newer version"}))
     network = NetworkRecord(id="n2", ipv4=Subnet("10.2.0.0/24", "10.2.0.1"), ipv6=None)

@@ -12,7 +12,7 @@ from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
 from datastore.sqlite import SqliteDatastore
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import Pool, PoolSet, carve, make_pool, parse_address, parse_cidr
-from ipam_driver.service import POOLS_KEY, SUBNETS_KEY, IpamService, block_key
+from ipam_driver.service import POOLS_KEY, SUBNETS_PREFIX, IpamService, block_key
 
 
 @pytest.fixture
@@ -274,10 +274,14 @@ def test_ensure_default_pools_only_fills_missing_families(ipam):
         ipam.ensure_default_pools(["not-a-cidr"])
 
 
-def test_subnets_document_untouched_by_pool_changes(ipam, store):
+def test_subnet_reservations_untouched_by_pool_changes(ipam, store):
     ipam.add_pool("10.10.0.0/16")
+    ipam.request_pool("10.10.1.0/24", None, {}, False)
+    before = [(e.key, e.value, e.revision) for e in store.list(SUBNETS_PREFIX)]
     ipam.update_pool("10.10.0.0/16", ipip=True)
-    assert store.get(SUBNETS_KEY) is None
+    ipam.add_pool("10.20.0.0/16")
+    assert [(e.key, e.value, e.revision) for e in store.list(SUBNETS_PREFIX)] == before
+    assert [k for k, _v, _r in before] == [ROOT + "ipam/subnets/10.10.1.0-24"]
 
 
 def test_encapsulation_modes_are_validated_and_stored(ipam):

@@ -9,12 +9,14 @@ from datastore.base import ROOT, DatastoreUnavailable, RevisionConflict, dumps
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
 from datastore.sqlite import SqliteDatastore
 from ipam_driver.blocks import AllocationBlock
+from ipam_driver.pools import SubnetReservation
 from ipam_driver.service import (
     BLOCKS_PREFIX,
-    SUBNETS_KEY,
+    SUBNETS_PREFIX,
     Allocation,
     IpamService,
     block_key,
+    subnet_key,
 )
 
 GATEWAY = {"RequestAddressType": "com.docker.network.gateway"}
@@ -49,6 +51,11 @@ def address_only(reply):
     return reply.split("/")[0]
 
 
+def reservations(store):
+    """The stored reservation records, by CIDR."""
+    return {e.data["cidr"]: e.data for e in store.list(SUBNETS_PREFIX)}
+
+
 # --------------------------------------------------------------------- subnets
 
 
@@ -59,9 +66,13 @@ def test_carved_subnets_are_distinct_and_do_not_overlap(ipam, store):
         assert data == {}
     cidrs = [cidr for _id, cidr, _ in got]
     assert cidrs == [f"10.201.{n}.0/24" for n in range(5)]
-    reserved = store.get(SUBNETS_KEY).data["subnets"]
+    reserved = reservations(store)
     assert sorted(reserved) == sorted(cidrs)
     assert all(reserved[c]["pool"] == "10.201.0.0/16" for c in cidrs)
+    # One key per subnet, each settled, claimed by its creator.
+    assert [e.key for e in store.list(SUBNETS_PREFIX)] == sorted(subnet_key(c) for c in cidrs)
+    assert all(reserved[c]["hosts"] == ["host-a"] for c in cidrs)
+    assert all(isinstance(reserved[c]["created_revision"], int) for c in cidrs)
 
 
 def test_carving_skips_explicit_subnets_and_reuses_released(ipam):
@@ -392,7 +403,7 @@ def test_release_pool_releases_leaked_addresses(ipam, store):
     assert len(freed) == 71
     assert [a.address for a in ipam.list_allocations()] == [address_only(kept)]
     assert list(blocks(store)) == ["10.201.1.0/26"]
-    assert list(store.get(SUBNETS_KEY).data["subnets"]) == ["10.201.1.0/24"]
+    assert list(reservations(store)) == ["10.201.1.0/24"]
     with pytest.raises(NotFound):
         ipam.release_pool(pool_id)
 
@@ -405,7 +416,7 @@ def test_release_pool_spares_a_newer_network_on_the_same_subnet(ipam, store):
     again, _cidr, _ = ipam.request_pool("10.201.0.0/28", None, {}, False)
     fresh = address_only(ipam.request_address(again, None, {}))
     # A stale sweep of the first reservation (simulated) must keep the new address.
-    stale = ipam._read_subnets()[1].get("10.201.0.0/28")
+    stale = SubnetReservation.from_dict(store.get(subnet_key("10.201.0.0/28")).data)
     old = type(stale)(**{**stale.__dict__, "id": "old-reservation"})
     assert ipam._sweep_block(block_key("10.201.0.0/26"), old) == []
     assert [a.address for a in ipam.list_allocations()] == [fresh]
@@ -418,12 +429,10 @@ def test_request_address_undone_when_subnet_released_meanwhile(ipam, store):
 
     def get_then_release(key):
         entry = real_get(key)
-        # After the block write, the service re-reads the subnets: release first.
-        if key == SUBNETS_KEY and store.list(BLOCKS_PREFIX) and not calls:
+        # After the block write, the service re-reads the reservation: release first.
+        if key == subnet_key("10.201.0.0/24") and store.list(BLOCKS_PREFIX) and not calls:
             calls.append(key)
-            subnets = entry.data
-            del subnets["subnets"]["10.201.0.0/24"]
-            store.update(SUBNETS_KEY, dumps(subnets), entry.revision)
+            store.delete(key, entry.revision)
             entry = real_get(key)
         return entry
 
