@@ -308,10 +308,16 @@ class NetworkService:
     def list_networks(self) -> list[NetworkRecord]:
         return [NetworkRecord.from_dict(e.data) for e in self._store.list(NETWORKS)]
 
-    def delete_network(self, network_id: str) -> None:
-        """Removes this host's network. A network that is part of a cluster network
-        (other hosts have one of its name) is refused while containers on any host use
-        it; otherwise the other hosts' agents are told to remove theirs too."""
+    def delete_network(self, network_id: str) -> bool:
+        """Removes this host's network; returns whether the cluster network goes too.
+
+        A network that is part of a cluster network (other hosts have one of its name)
+        is removed from every host only while no container on any host uses it: then
+        the other hosts' agents are told to remove theirs. Otherwise only this host
+        leaves it: dockerd 20.10 ignores a remote driver's refusal of DeleteNetwork
+        (it logs "driver error deleting network" and removes the network anyway), so
+        refusing would only leave a record behind.
+        """
         network = self.get_network(network_id)
         members = [network]
         if network.name and not network.conflict:
@@ -322,14 +328,17 @@ class NetworkService:
         if users:
             hosts = sorted({e.hostname for e in users})
             label = repr(network.name) if network.name else network_id
-            raise Conflict(
-                f"network {label} is in use by {len(users)} container endpoint(s) on "
-                f"host(s) {', '.join(hosts)}; remove those containers first"
-            )
+            log.warning(
+                "network %s was removed from this host's Docker while %d container "
+                "endpoint(s) on host(s) %s use it: it stays there (and the network sync "
+                "creates it here again)", label, len(users), ", ".join(hosts))
+            self._store.delete(network_key(network_id))
+            return False
         for member in members:
             if member.id != network_id and not member.removing:
                 self._mark_removing(member.id)
         self._store.delete(network_key(network_id))
+        return True
 
     def _mark_removing(self, network_id: str) -> None:
         for _ in range(CAS_RETRIES):

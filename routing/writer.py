@@ -15,7 +15,7 @@ from typing import Protocol
 
 from dataplane.netlink import InterfaceAddress, Route
 from datastore.errors import CalicoCnmError, KernelFeatureMissing
-from routing.planner import RoutePlan
+from routing.planner import VXLAN_DEVICE, RoutePlan
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,8 @@ def write_plan(netlink: RoutingNetlink, plan: RoutePlan, uplink: str | None,
             _converge_neighbours(netlink, plan, vxlan.name, report)
         else:
             broken_devices.add(vxlan.name)
-    else:
-        from routing.planner import VXLAN_DEVICE
-
-        if netlink.link_exists(VXLAN_DEVICE):
-            attempt(f"removing {VXLAN_DEVICE}", lambda: netlink.delete_link(VXLAN_DEVICE))
+    elif netlink.link_exists(VXLAN_DEVICE):
+        attempt(f"removing {VXLAN_DEVICE}", lambda: netlink.delete_link(VXLAN_DEVICE))
 
     ipip = plan.ipip
     if ipip is not None:
