@@ -99,3 +99,40 @@ def test_a_network_created_on_one_host_is_created_on_the_other(tmp_path: Path):
     assert spec is not None and spec.ipv4 is not None
     assert (spec.ipv4.cidr, spec.ipv4.gateway) == ("10.240.1.0/24", "10.240.1.1")
     assert "web" not in h1.docker.networks or h1.docker.networks["web"][1] is None
+
+
+def test_a_kernel_without_ipip_reports_it_and_programs_everything_else(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    h1 = Host("h1", "10.123.1.11/24", store)
+    h1.kernel.missing_kinds = frozenset({"ipip"})
+    h2 = Host("h2", "10.123.2.12/24", store)
+    h1.ipam.add_pool("10.240.0.0/16", ipip_mode="always")
+    h1.ipam.add_pool("10.250.0.0/16", vxlan_mode="always")
+    for host in (h1, h2, h1, h2):
+        host.agent.resync()
+    pool_id, _, _ = h2.ipam.request_pool("10.250.7.0/24", None, None, False)
+    h2.ipam.request_address(pool_id, None, None)
+    h1.agent.resync()
+    status = NodeRegistry(store).statuses()["h1"]
+    assert any("ipip" in error for error in status.errors), status.errors
+    assert "ipip" in status.tunnels["tunl0"]
+    assert status.tunnels["vxlan.calico"] == "up"
+    h2_tunnel = NodeRegistry(store).get("h2").vxlan_ipv4
+    assert Route("10.250.7.0/26", via=h2_tunnel, dev=VXLAN_DEVICE, onlink=True) in h1.routes()
+    assert not any(r.dev == "tunl0" for r in h1.routes())
+
+
+def test_ipip_routes_where_the_kernel_has_it(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    h1 = Host("h1", "10.123.1.11/24", store)
+    h2 = Host("h2", "10.123.2.12/24", store)
+    h1.ipam.add_pool("10.240.0.0/16", ipip_mode="cross-subnet")
+    for host in (h1, h2, h1):
+        host.agent.resync()
+    pool_id, _, _ = h2.ipam.request_pool("10.240.7.0/24", None, None, False)
+    h2.ipam.request_address(pool_id, None, None)
+    h1.agent.resync()
+    assert Route("10.240.7.0/26", via="10.123.2.12", dev="tunl0", onlink=True) in h1.routes()
+    link = h1.kernel.links["tunl0"]
+    assert link.up and link.mtu == 1480
+    assert NodeRegistry(store).get("h1").ipip_ipv4 in [a.split("/")[0] for a in link.addresses]
