@@ -115,6 +115,11 @@ def test_vxlan_always_and_cross_subnet_encapsulate_only_where_they_should(
     assert a3.ipv4 and _reaches(a3, a1.ipv4)
     status = json.loads(h1.cli("node", "status", "-o", "json").stdout)["status"]
     assert status["tunnels"]["vxlan.calico"] == "up"
+    # VXLAN is accepted only from the known nodes.
+    rules = h1.sh("iptables-save", "-t", "filter").stdout
+    assert "--dport 4789 -m set ! --match-set cali4-nodes src -j DROP" in rules
+    members = h1.sh("ipset", "list", "cali4-nodes").stdout
+    assert h2.address in members and h3.address in members
 
 
 def test_networks_are_isolated_across_hosts_until_a_rule_opens_them(
@@ -272,3 +277,18 @@ def test_node_remove_releases_everything_and_other_hosts_drop_its_routes(
         h2.plugin_start()
         h2.docker("rm", "-f", b.name, check=False, timeout=120)
     assert wait_for(lambda: "h2" in h1.cli("node", "show").stdout, timeout=15)
+
+
+def test_network_connect_joins_a_network_whose_members_are_on_other_hosts(
+        cluster: Cluster, stack: Stack) -> None:
+    h1, h2 = cluster.host("h1"), cluster.host("h2")
+    first = stack.network(h1)
+    second = stack.network(h1)
+    stack.wait_network(h2, second)
+    a = stack.container(h1, first)
+    b = stack.container(h2, second)
+    assert not _reaches(a, b.ipv4)
+    h1.docker("network", "connect", second, a.name)
+    assert wait_for(lambda: _reaches(a, b.ipv4), timeout=10)
+    joined = a.address(second)
+    assert joined and wait_for(lambda: _reaches(b, joined), timeout=10)

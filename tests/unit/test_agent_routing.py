@@ -136,3 +136,31 @@ def test_ipip_routes_where_the_kernel_has_it(tmp_path: Path):
     link = h1.kernel.links["tunl0"]
     assert link.up and link.mtu == 1480
     assert NodeRegistry(store).get("h1").ipip_ipv4 in [a.split("/")[0] for a in link.addresses]
+
+
+def test_routes_of_other_protocols_are_never_touched(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    h1 = Host("h1", "10.123.1.11/24", store)
+    h1.kernel.install_route(Route("10.240.7.0/26", via="10.123.1.99"), protocol=4)
+    h1.kernel.install_route(Route("10.99.0.0/16", via="10.123.1.1"), protocol=3)
+    h1.kernel.install_route(Route("10.98.0.0/16", via="10.123.1.1"), ROUTE_PROTOCOL)  # stale
+    h1.ipam.add_pool("10.240.0.0/16")
+    h1.agent.resync()
+    others = {(entry.route.dst, entry.protocol) for entry in h1.kernel.table.values()
+              if entry.protocol != ROUTE_PROTOCOL}
+    assert others == {("10.240.7.0/26", 4), ("10.99.0.0/16", 3)}
+    assert Route("10.98.0.0/16", via="10.123.1.1", dev="eth0") not in h1.routes()
+
+
+def test_without_network_sync_nothing_is_created(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    host = Host("h2", "10.123.1.12/24", store)
+    host.agent = Agent(Settings(hostname="h2", sync_networks=False), store,
+                       writer=NoPolicy(), docker_networks=host.docker,
+                       network_state=lambda _id: None, netlink_factory=host.kernel.netlink,
+                       name_lookup=lambda _id: None)
+    record = NetworkRecord(id="a" * 64, ipv4=Subnet("10.240.1.0/24", "10.240.1.1"),
+                           ipv6=None, name="web", hostname="h1", profiles=["web"])
+    store.put_json(network_key(record.id), record.to_dict())
+    host.agent.resync()
+    assert "web" not in host.docker.networks
