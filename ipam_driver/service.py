@@ -742,6 +742,36 @@ class IpamService:
         return freed
 
     @_store_errors
+    def release_affinity(self, host: str) -> list[str]:
+        """For a host removed for good: frees the addresses it allocated (but not
+        gateways, which its networks' other hosts still use) and gives up its blocks;
+        a block left empty is deleted, one still holding addresses stays without a
+        host. Returns the blocks that were the host's."""
+
+        def gone(_ip: IPAddress, record: AddressAllocation) -> bool:
+            return (record.attrs.get("requested_by") == host
+                    and record.attrs.get("kind") != KIND_GATEWAY)
+
+        released: list[str] = []
+        for entry, block in self._all_blocks():
+            owned = block.host == host
+            if not owned and not any(gone(ip, r) for ip, r in block.allocations()):
+                continue
+
+            def change(current: AllocationBlock | None) -> tuple[bool, None]:
+                if current is None:
+                    return False, None
+                current.release_where(gone)
+                if current.host == host:
+                    current.host = None
+                return True, None
+
+            self._change_block(entry.key, f"releasing the blocks of {host}", change)
+            if owned:
+                released.append(str(block.cidr))
+        return released
+
+    @_store_errors
     def list_allocations(self) -> list[Allocation]:
         """Every allocated address, in address order (IPv4 first)."""
         result = [
