@@ -637,9 +637,10 @@ class IpamService:
         if address:
             ip = parse_address(address)
             self._check_usable(ip, rec)
+        requested = ip
         shared = gateway and len(rec.hosts) > 1
         if shared:
-            joined = self._join_gateway(rec, ip)
+            joined = self._join_gateway(rec, requested)
             if joined is not None:
                 self._check_still_reserved(rec, joined, undo=False)
                 return f"{joined}/{rec.network.prefixlen}"
@@ -662,7 +663,7 @@ class IpamService:
             except AddressInUse:
                 # Another host of a shared subnet may have allocated the gateway
                 # between our look and our write: then it is ours too.
-                joined = self._join_gateway(rec, ip) if shared else None
+                joined = self._join_gateway(rec, requested) if shared else None
                 if joined is None:
                     raise
                 self._check_still_reserved(rec, joined, undo=False)
