@@ -158,6 +158,8 @@ REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
 
 KIND_GATEWAY = "gateway"
+# The IPAM option that marks a node's tunnel-address subnet (routing.tunnels).
+TUNNEL_OPTION = "calico-cnm.tunnel"
 KIND_AUX = "aux"
 KIND_CONTAINER = "container"
 
@@ -412,9 +414,18 @@ class IpamService:
         See the module docstring for why this cannot race with request_pool.
         """
         pool = self._read_pools()[1].get(cidr)
+        in_pool = [rec for _e, rec in self._list_reservations() if rec.overlaps(pool.network)]
+        tunnels = [rec for rec in in_pool if rec.options.get(TUNNEL_OPTION)]
+        if tunnels and len(tunnels) == len(in_pool):
+            # Only nodes' tunnel addresses are left: infrastructure, released with the
+            # pool (each agent takes a new one from another pool of that mode).
+            for rec in tunnels:
+                for host in rec.hosts:
+                    IpamService(self.store, host, max_attempts=self.max_attempts
+                                ).release_pool(rec.cidr)
+            in_pool = []
         # Read-only check first: the usual refusal writes nothing (unless it has to
         # clear the mark of an earlier removal that was interrupted).
-        in_pool = [rec for _e, rec in self._list_reservations() if rec.overlaps(pool.network)]
         try:
             self._check_pool_unused(
                 pool, [rec for rec in in_pool if rec.settled], self._blocks_in(pool.network)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datastore.base import Datastore
 from datastore.errors import Conflict, NotFound
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
-from ipam_driver.service import IpamService
+from ipam_driver.service import TUNNEL_OPTION, IpamService
 from routing.nodes import NodeRegistry, now
 from routing.tunnels import MODES, tunnel_handle
 
@@ -52,17 +52,24 @@ def remove_node(store: Datastore, name: str, timeout: float, force: bool,
         if network.hostname != name:
             continue
         for subnet in (network.ipv4, network.ipv6):
-            if subnet is not None:
-                try:
-                    removal.addresses += ipam.release_pool(subnet.pool_id or subnet.cidr)
-                except NotFound:
-                    pass
+            if subnet is None:
+                continue
+            pool_id = subnet.pool_id or subnet.cidr
+            try:
+                if subnet.gateway:  # as Docker would: the gateway, then the subnet
+                    ipam.release_address(pool_id, subnet.gateway)
+            except NotFound:
+                pass
+            try:
+                removal.addresses += ipam.release_pool(pool_id)
+            except NotFound:
+                pass
         store.delete(entry.key)
         removal.networks.append(network.id)
     for mode in MODES:
         handle = tunnel_handle(mode, name)
         for subnet in ipam.list_subnets():
-            if subnet.options.get("tunnel") == handle:
+            if subnet.options.get(TUNNEL_OPTION) == handle:
                 removal.addresses += ipam.release_pool(subnet.pool_id)
         removal.addresses += ipam.release_handle(handle)
     removal.blocks = ipam.release_affinity(name)

@@ -16,7 +16,7 @@ from netaddr import IPAddress, IPNetwork
 
 from datastore.errors import Conflict
 from ipam_driver.pools import carve
-from ipam_driver.service import IpamService
+from ipam_driver.service import TUNNEL_OPTION, IpamService
 from routing.nodes import NodeRecord, NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _allocate(ipam: IpamService, mode: str, name: str, pools: list) -> str | Non
             if cidr is None:
                 continue
             try:
-                pool_id, _, _ = ipam.request_pool(str(cidr), None, {"tunnel": handle}, False)
+                pool_id, _, _ = ipam.request_pool(str(cidr), None, {TUNNEL_OPTION: handle}, False)
             except Conflict:
                 break  # another node took it meanwhile: look again
             if ipam.claimed_hosts(pool_id) != [name]:

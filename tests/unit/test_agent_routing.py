@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from dataplane.netlink import ROUTE_PROTOCOL, Route
 from datastore.base import ROOT
+from datastore.errors import Conflict
 from datastore.sqlite import SqliteDatastore
 from driver.records import NetworkRecord, Subnet, network_key
 from ipam_driver.service import IpamService
@@ -164,3 +167,22 @@ def test_without_network_sync_nothing_is_created(tmp_path: Path):
     store.put_json(network_key(record.id), record.to_dict())
     host.agent.resync()
     assert "web" not in host.docker.networks
+
+
+def test_a_pool_holding_only_tunnel_addresses_can_be_removed(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    h1 = Host("h1", "10.123.1.11/24", store)
+    h1.ipam.add_pool("10.240.0.0/16", vxlan_mode="always")
+    h1.agent.resync()
+    tunnel = NodeRegistry(store).get("h1").vxlan_ipv4
+    assert tunnel and tunnel in [a.address for a in h1.ipam.list_allocations()]
+    h1.ipam.remove_pool("10.240.0.0/16")
+    assert h1.ipam.list_allocations() == [] and h1.ipam.list_subnets() == []
+    # A pool in use by a network is still refused, and nothing is released.
+    h1.ipam.add_pool("10.250.0.0/16", vxlan_mode="always")
+    h1.agent.resync()
+    h1.ipam.request_pool("10.250.9.0/24", None, None, False)
+    before = h1.ipam.list_allocations()
+    with pytest.raises(Conflict):
+        h1.ipam.remove_pool("10.250.0.0/16")
+    assert h1.ipam.list_allocations() == before
