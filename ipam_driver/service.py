@@ -160,6 +160,8 @@ GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
 KIND_GATEWAY = "gateway"
 # The IPAM option that marks a node's tunnel-address subnet (routing.tunnels).
 TUNNEL_OPTION = "calico-cnm.tunnel"
+# Recorded on a subnet carved for a network created without --subnet.
+CARVED_OPTION = "calico-cnm.carved"
 KIND_AUX = "aux"
 KIND_CONTAINER = "container"
 
@@ -1100,7 +1102,7 @@ class IpamService:
             taken = [rec.network for rec in table.overlapping(pool.network)]
             net = carve(pool.network, taken, prefix)
             if net is not None:
-                return self._reservation(net, pool, None, options)
+                return self._reservation(net, pool, None, {**options, CARVED_OPTION: "true"})
         names = ", ".join(pool.cidr for pool in candidates)
         raise Exhausted(
             f"no free /{prefix} network subnet left in the {family} pools {names}; remove "

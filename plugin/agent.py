@@ -27,6 +27,7 @@ from driver.cluster import NetworkSpec, SubnetSpec, sync_actions
 from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS, NetworkRecord
 from driver.service import NetworkService
+from ipam_driver.service import CARVED_OPTION
 from plugin.app import build_ipam, build_network_service
 from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
@@ -119,6 +120,7 @@ class Agent:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         actions = sync_actions(self._settings.hostname, records, names)
+        self._replace_carved_conflicts(records)
         for record in actions.remove:
             log.info("network %r was removed on another host; removing it here",
                      record.name)
@@ -136,6 +138,34 @@ class Agent:
                                             self._settings.ipam_driver_name)
             except Exception as exc:
                 log.warning("creating network %r failed: %s", spec.name, exc)
+
+    def _replace_carved_conflicts(self, records: list[NetworkRecord]) -> None:
+        """A network created here without --subnet under a name the cluster already
+        has got a subnet of its own: while no container uses it, it is removed, and
+        the sync creates it again with the cluster's subnet (it joins the network)."""
+        used = {e.network_id for e in self._networks.list_endpoints(self._settings.hostname)}
+        for record in records:
+            if (record.hostname != self._settings.hostname or not record.conflict
+                    or record.id in used or not self._carved(record)):
+                continue
+            log.info("network %r here has a subnet of its own; replacing it by the "
+                     "cluster's network of that name", record.name)
+            try:
+                self._docker.remove_network(record.id)
+            except Exception as exc:
+                log.warning("replacing network %r failed: %s", record.name, exc)
+
+    def _carved(self, record: NetworkRecord) -> bool:
+        for subnet in (record.ipv4, record.ipv6):
+            if subnet is None:
+                continue
+            try:
+                info = self._ipam.get_subnet(subnet.pool_id or subnet.cidr)
+            except Exception:
+                return False
+            if info.options.get(CARVED_OPTION) != "true":
+                return False
+        return True
 
     def _network_spec(self, record: NetworkRecord) -> NetworkSpec:
         subnets = []

@@ -186,3 +186,23 @@ def test_a_pool_holding_only_tunnel_addresses_can_be_removed(tmp_path: Path):
     with pytest.raises(Conflict):
         h1.ipam.remove_pool("10.250.0.0/16")
     assert h1.ipam.list_allocations() == before
+
+
+def test_a_carved_network_of_a_cluster_name_is_replaced_by_the_clusters(tmp_path: Path):
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    h2 = Host("h2", "10.123.1.12/24", store)
+    h2.ipam.add_pool("10.240.0.0/16")
+    cluster = NetworkRecord(id="a" * 64, ipv4=Subnet("10.240.1.0/24", "10.240.1.1"),
+                            ipv6=None, name="web", hostname="h1", profiles=["web"])
+    store.put_json(network_key(cluster.id), cluster.to_dict())
+    carved, _, _ = h2.ipam.request_pool(None, None, None, False)  # no --subnet
+    explicit, _, _ = h2.ipam.request_pool("10.240.9.0/24", None, None, False)
+    for network_id, pool_id in (("b" * 64, carved), ("c" * 64, explicit)):
+        record = NetworkRecord(id=network_id, ipv4=Subnet(pool_id, None, pool_id), ipv6=None,
+                               name="web", hostname="h2", conflict="another subnet")
+        store.put_json(network_key(network_id), record.to_dict())
+        h2.docker.networks[f"web-{network_id[0]}"] = (network_id, None)
+    h2.agent.sync_networks()
+    ids = {network_id for network_id, _spec in h2.docker.networks.values()}
+    assert "b" * 64 not in ids  # carved: removed (the sync then creates the cluster's)
+    assert "c" * 64 in ids  # an explicit other --subnet stays refused, not replaced
