@@ -18,7 +18,8 @@ def test_pool_add_show_remove(stack: Stack) -> None:
     cli("pool", "add", "10.203.0.0/24", "--disabled")
     try:
         pools = _pools(stack)
-        assert pools["10.202.0.0/24"]["pool"]["ipip"] is True
+        assert pools["10.202.0.0/24"]["pool"]["ipip_mode"] == "always"
+        assert pools["10.202.0.0/24"]["pool"]["vxlan_mode"] == "never"
         assert pools["10.202.0.0/24"]["pool"]["nat_outgoing"] is True
         assert pools["10.202.0.0/24"]["pool"]["block_size"] == 28
         assert pools["10.203.0.0/24"]["pool"]["disabled"] is True
