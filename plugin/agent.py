@@ -78,6 +78,11 @@ class Agent:
         self._started = now()
         self._last_resync: float | None = None
         self._node_errors: list[str] = []
+        # The network sync calls the Docker API (hundreds of ms, and dockerd calls this
+        # host's plugin meanwhile): in run() it has its own thread, so routes and
+        # policy never wait for it.
+        self._sync_requested = threading.Event()
+        self._sync_thread: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,6 +143,22 @@ class Agent:
                                             self._settings.ipam_driver_name)
             except Exception as exc:
                 log.warning("creating network %r failed: %s", spec.name, exc)
+
+    def request_network_sync(self) -> None:
+        if self._sync_thread is None:
+            self.sync_networks()
+        else:
+            self._sync_requested.set()
+
+    def _network_sync_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._sync_requested.wait(1.0):
+                continue
+            self._sync_requested.clear()
+            try:
+                self.sync_networks()
+            except Exception:
+                log.exception("network sync failed; retried at the next change or resync")
 
     def _replace_carved_conflicts(self, records: list[NetworkRecord]) -> None:
         """A network created here without --subnet under a name the cluster already
@@ -230,7 +251,7 @@ class Agent:
             self.register_node,
             lambda: self._collector.collect(time.monotonic()),
             self._networks.resolve_pending_networks,
-            self.sync_networks,
+            self.request_network_sync,
             self.reconcile_routes,
             self._routes.load,
             self.program_routes,
@@ -264,7 +285,7 @@ class Agent:
         keys = [event.key for event in events]
         if any(k.startswith(NETWORKS) for k in keys):
             self._networks.resolve_pending_networks()
-            self.sync_networks()
+            self.request_network_sync()
         if any(k.startswith(self._local_endpoints) for k in keys):
             self.reconcile_routes()
 
@@ -274,6 +295,10 @@ class Agent:
             if netlink.global_rp_filter() == 2:
                 log.warning("net.ipv4.conf.all.rp_filter is 2 (loose): containers can "
                             "spoof addresses the host routes; set it to 0 or 1")
+        if self._settings.sync_networks:
+            self._sync_thread = threading.Thread(
+                target=self._network_sync_loop, name="network-sync", daemon=True)
+            self._sync_thread.start()
         # The first resync reads the revision: a datastore that is not answering yet
         # (etcd starting with the host) is retried there, never fatal.
         revision = 0
