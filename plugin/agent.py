@@ -276,12 +276,13 @@ class Agent:
             raise failure
 
     def handle(self, events: list[Event]) -> None:
-        # Policy first: the events update the model in memory (nothing to fail on
-        # the datastore's side) and enforcement is what a new container waits for.
-        if self._policy.apply_events(events):
-            self.program_policy(full=False)  # loads the model first if it never was
+        # Routes first (a netlink diff, a few ms: a new block is routed at once), then
+        # policy: the events update the model in memory and the writer sends the kernel
+        # what changed (an iptables-restore can take tens of ms).
         if self._routes.apply_events(events):
             self.program_routes()
+        if self._policy.apply_events(events):
+            self.program_policy(full=False)  # loads the model first if it never was
         keys = [event.key for event in events]
         if any(k.startswith(NETWORKS) for k in keys):
             self._networks.resolve_pending_networks()
