@@ -119,7 +119,9 @@ def cmd_endpoint_remove(settings: Settings, store: Datastore, args: argparse.Nam
 
 
 def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    from dataplane.netlink import Netlink
     from profiles.iptables import PolicyWriter
+    from routing.planner import VXLAN_DEVICE
 
     local = [e for e in (EndpointRecord.from_dict(x.data) for x in store.list(ENDPOINTS))
              if e.hostname == settings.hostname]
@@ -129,7 +131,13 @@ def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace
               "pass --force", file=sys.stderr)
         return 1
     PolicyWriter().remove_all()
-    print("removed every cali- chain, set and hook from this host")
+    with Netlink() as netlink:
+        routes = netlink.list_routes()
+        for route in routes:
+            netlink.remove_route(route)
+        netlink.delete_link(VXLAN_DEVICE)
+    print(f"removed every cali- chain, set and hook, {len(routes)} route(s) of ours and "
+          f"{VXLAN_DEVICE} from this host")
     return 0
 
 
