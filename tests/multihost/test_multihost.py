@@ -256,9 +256,10 @@ def test_node_remove_releases_everything_and_other_hosts_drop_its_routes(
     h1, h2 = cluster.host("h1"), cluster.host("h2")
     network = stack.network(h1)
     stack.wait_network(h2, network)
-    stack.container(h1, network)
+    a = stack.container(h1, network)
     b = stack.container(h2, network)
     block = str(ipaddress.ip_network(f"{b.ipv4}/26", strict=False))
+    h1_block = str(ipaddress.ip_network(f"{a.ipv4}/26", strict=False))
     assert wait_for(lambda: block in _routes(h1), timeout=10)
     refused = h1.cli("node", "remove", "h2", check=False)
     assert refused.returncode == 1 and "alive" in refused.stderr
@@ -273,10 +274,15 @@ def test_node_remove_releases_everything_and_other_hosts_drop_its_routes(
         assert b.ipv4 not in [a["address"] for a in allocations]
         assert not [a for a in allocations if a["host"] == "h2"], allocations
     finally:
-        # The host comes back (as a new node): its leftovers are removed through Docker.
+        # The host comes back as a new node (with none of our routes left): its
+        # leftovers are removed through Docker.
+        h2.sh("ip", "route", "flush", "proto", "202")
+        assert h1_block not in _routes(h2)
         h2.plugin_start()
         h2.docker("rm", "-f", b.name, check=False, timeout=120)
     assert wait_for(lambda: "h2" in h1.cli("node", "show").stdout, timeout=15)
+    # Back as a new node, h2 routes to every existing block after its first resync.
+    assert wait_for(lambda: f"{h1_block} via {h1.address}" in _routes(h2), timeout=10)
 
 
 def test_network_connect_joins_a_network_whose_members_are_on_other_hosts(
