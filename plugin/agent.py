@@ -23,14 +23,13 @@ from collections.abc import Callable
 
 from dataplane.netlink import Netlink
 from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
-from driver.cluster import NetworkSpec, SubnetSpec, sync_actions
 from driver.reconcile import reconcile_routes
-from driver.records import ENDPOINTS, NETWORKS, NetworkRecord
+from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
-from ipam_driver.service import CARVED_OPTION
 from plugin.app import build_ipam, build_network_service
 from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
+from plugin.network_sync import NetworkSync
 from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
 from profiles.iptables import PolicyWriter
@@ -63,13 +62,15 @@ class Agent:
         self._networks: NetworkService = build_network_service(
             settings, store, self._ipam, netlink_factory, name_lookup
         )
-        self._docker = docker_networks or DockerNetworks(settings.docker_host)
+        self._stop = threading.Event()
+        self._network_sync = NetworkSync(
+            settings, store, self._ipam, self._networks,
+            docker_networks or DockerNetworks(settings.docker_host), self._stop)
         self._collector = StaleCollector(
             store, self._networks, settings.hostname,
             network_state or DockerNames(settings.docker_host).network_state,
             settings.stale_grace if stale_grace is None else stale_grace,
         )
-        self._stop = threading.Event()
         self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
         self._policy = HostPolicy(settings.hostname, policy_settings(settings))
         self._warnings: set[str] = set()
@@ -78,11 +79,6 @@ class Agent:
         self._started = now()
         self._last_resync: float | None = None
         self._node_errors: list[str] = []
-        # The network sync calls the Docker API (hundreds of ms, and dockerd calls this
-        # host's plugin meanwhile): in run() it has its own thread, so routes and
-        # policy never wait for it.
-        self._sync_requested = threading.Event()
-        self._sync_thread: threading.Thread | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,97 +106,8 @@ class Agent:
         registered = ensure_tunnel_addresses(self._ipam, self._registry, registered)
         self._routes.apply_node(registered)
 
-    def sync_networks(self) -> None:
-        """Creates in this host's Docker the cluster's networks it lacks, and removes
-        those removed on another host (only with --sync-networks)."""
-        if not self._settings.sync_networks:
-            return
-        names = self._docker.network_names()
-        if names is None:
-            return  # Docker does not answer: next time
-        records = []
-        for entry in self._store.list(NETWORKS):
-            try:
-                records.append(NetworkRecord.from_dict(entry.data))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-        actions = sync_actions(self._settings.hostname, records, names)
-        self._replace_carved_conflicts(records)
-        for record in actions.remove:
-            log.info("network %r was removed on another host; removing it here",
-                     record.name)
-            try:
-                self._docker.remove_network(record.id)
-            except Exception as exc:
-                log.warning("removing network %r failed (containers here?): %s",
-                            record.name, exc)
-        for record in actions.create:
-            spec = self._network_spec(record)
-            log.info("creating cluster network %r here (from host %s)", spec.name,
-                     record.hostname)
-            try:
-                self._docker.create_network(spec, self._settings.network_driver_name,
-                                            self._settings.ipam_driver_name)
-            except Exception as exc:
-                log.warning("creating network %r failed: %s", spec.name, exc)
-
     def request_network_sync(self) -> None:
-        if self._sync_thread is None:
-            self.sync_networks()
-        else:
-            self._sync_requested.set()
-
-    def _network_sync_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self._sync_requested.wait(1.0):
-                continue
-            self._sync_requested.clear()
-            try:
-                self.sync_networks()
-            except Exception:
-                log.exception("network sync failed; retried at the next change or resync")
-
-    def _replace_carved_conflicts(self, records: list[NetworkRecord]) -> None:
-        """A network created here without --subnet under a name the cluster already
-        has got a subnet of its own: while no container uses it, it is removed, and
-        the sync creates it again with the cluster's subnet (it joins the network)."""
-        used = {e.network_id for e in self._networks.list_endpoints(self._settings.hostname)}
-        for record in records:
-            if (record.hostname != self._settings.hostname or not record.conflict
-                    or record.id in used or not self._carved(record)):
-                continue
-            log.info("network %r here has a subnet of its own; replacing it by the "
-                     "cluster's network of that name", record.name)
-            try:
-                self._docker.remove_network(record.id)
-            except Exception as exc:
-                log.warning("replacing network %r failed: %s", record.name, exc)
-
-    def _carved(self, record: NetworkRecord) -> bool:
-        for subnet in (record.ipv4, record.ipv6):
-            if subnet is None:
-                continue
-            try:
-                info = self._ipam.get_subnet(subnet.pool_id or subnet.cidr)
-            except Exception:
-                return False
-            if info.options.get(CARVED_OPTION) != "true":
-                return False
-        return True
-
-    def _network_spec(self, record: NetworkRecord) -> NetworkSpec:
-        subnets = []
-        for subnet in (record.ipv4, record.ipv6):
-            if subnet is None:
-                subnets.append(None)
-                continue
-            try:
-                ip_range = self._ipam.get_subnet(subnet.pool_id or subnet.cidr).sub_pool
-            except Exception:
-                ip_range = None
-            subnets.append(SubnetSpec(subnet.cidr, subnet.gateway, ip_range))
-        return NetworkSpec(record.name, subnets[0], subnets[1], dict(record.options),
-                           record.internal)
+        self._network_sync.request()
 
     def program_routes(self) -> None:
         report = self._routes.program()
@@ -296,10 +203,7 @@ class Agent:
             if netlink.global_rp_filter() == 2:
                 log.warning("net.ipv4.conf.all.rp_filter is 2 (loose): containers can "
                             "spoof addresses the host routes; set it to 0 or 1")
-        if self._settings.sync_networks:
-            self._sync_thread = threading.Thread(
-                target=self._network_sync_loop, name="network-sync", daemon=True)
-            self._sync_thread.start()
+        self._network_sync.start()
         # The first resync reads the revision: a datastore that is not answering yet
         # (etcd starting with the host) is retried there, never fatal.
         revision = 0

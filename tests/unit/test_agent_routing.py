@@ -97,7 +97,7 @@ def test_a_network_created_on_one_host_is_created_on_the_other(tmp_path: Path):
     record = NetworkRecord(id="a" * 64, ipv4=Subnet("10.240.1.0/24", "10.240.1.1"),
                            ipv6=None, name="web", hostname="h1", profiles=["web"])
     store.put_json(network_key(record.id), record.to_dict())
-    h2.agent.sync_networks()
+    h2.agent.request_network_sync()
     _id, spec = h2.docker.networks["web"]
     assert spec is not None and spec.ipv4 is not None
     assert (spec.ipv4.cidr, spec.ipv4.gateway) == ("10.240.1.0/24", "10.240.1.1")
@@ -202,7 +202,7 @@ def test_a_carved_network_of_a_cluster_name_is_replaced_by_the_clusters(tmp_path
                                name="web", hostname="h2", conflict="another subnet")
         store.put_json(network_key(network_id), record.to_dict())
         h2.docker.networks[f"web-{network_id[0]}"] = (network_id, None)
-    h2.agent.sync_networks()
+    h2.agent.request_network_sync()
     ids = {network_id for network_id, _spec in h2.docker.networks.values()}
     assert "b" * 64 not in ids  # carved: removed (the sync then creates the cluster's)
     assert "c" * 64 in ids  # an explicit other --subnet stays refused, not replaced
