@@ -26,7 +26,7 @@ from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConfl
 from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
-from plugin.app import build_ipam, build_network_service
+from plugin.compose import build_ipam, build_network_service
 from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
 from plugin.network_sync import NetworkSync

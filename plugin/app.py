@@ -1,4 +1,5 @@
-"""The composition root: the only place where adapters are built and wired."""
+"""The Flask app: both drivers' blueprints, body parsing and the one error handler.
+Its parts are built by plugin.compose (which the agent and the CLI use too)."""
 
 from __future__ import annotations
 
@@ -15,50 +16,11 @@ from dataplane.netlink import Netlink
 from datastore.base import Datastore, DatastoreError, DatastoreUnavailable
 from datastore.errors import CalicoCnmError, InvalidRequest
 from driver.http import network_blueprint
-from driver.service import NetworkService
 from ipam_driver.http import ipam_blueprint
-from ipam_driver.service import IpamService
-from plugin.docker_names import DockerNames
+from plugin.compose import build_ipam, build_network_service, open_datastore
 from plugin.settings import Settings
-from routing.mtu import veth_mtu
 
 log = logging.getLogger(__name__)
-
-
-def open_datastore(settings: Settings) -> Datastore:
-    """The configured backend: etcd when endpoints are set, else embedded SQLite."""
-    if settings.uses_etcd:
-        from datastore.etcd import EtcdDatastore
-
-        return EtcdDatastore(
-            list(settings.etcd_endpoints), ca_cert=settings.etcd_ca_cert,
-            cert_file=settings.etcd_cert_file, key_file=settings.etcd_key_file,
-        )
-    from datastore.sqlite import SqliteDatastore
-
-    return SqliteDatastore(settings.sqlite_path)
-
-
-def build_ipam(settings: Settings, store: Datastore) -> IpamService:
-    return IpamService(
-        store, settings.hostname,
-        network_prefix_v4=settings.network_prefix_v4,
-        network_prefix_v6=settings.network_prefix_v6,
-    )
-
-
-def build_network_service(
-    settings: Settings,
-    store: Datastore,
-    ipam: IpamService,
-    netlink_factory: Callable[[], Netlink] | None = None,
-    name_lookup: Callable[[str], str | None] | None = None,
-) -> NetworkService:
-    return NetworkService(
-        store, ipam, settings.hostname, netlink_factory or Netlink,
-        name_lookup or DockerNames(settings.docker_host).network_name,
-        mtu_for=lambda subnets: veth_mtu(store, settings.hostname, subnets),
-    )
 
 
 def _error_reply(message: str, status: int) -> ResponseReturnValue:

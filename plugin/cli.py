@@ -16,7 +16,7 @@ from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
-from plugin.app import build_ipam, build_network_service, open_datastore
+from plugin.compose import build_ipam, build_network_service, open_datastore
 from plugin.node_cli import add_node_commands
 from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from datastore.base import Datastore
 from datastore.errors import Conflict, InvalidRequest
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
-from plugin.app import build_ipam
+from plugin.compose import build_ipam
 from plugin.declarative import (
     OUTPUT_FORMATS,
     RESERVED_PROFILE_NAMES,

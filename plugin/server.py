@@ -15,7 +15,8 @@ from gunicorn.app.base import BaseApplication
 
 from datastore.errors import Conflict
 from plugin.agent import Agent
-from plugin.app import build_ipam, create_app, open_datastore
+from plugin.app import create_app
+from plugin.compose import build_ipam, open_datastore
 from plugin.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from driver.records import EndpointRecord, NetworkRecord, Subnet, endpoint_key, 
 from ipam_driver.service import IpamService
 from plugin import cli
 from plugin import settings as settings_module
-from plugin.app import open_datastore
+from plugin.compose import open_datastore
 from plugin.profile_cli import NAME_CHOICE, add_profile_commands, profile_argv
 from profiles.model import Profile, Rule
 from profiles.store import ProfileStore, profile_key
