@@ -675,8 +675,13 @@ class IpamService:
                 self._allocate_specific(rec, ip, attrs)
             except AddressInUse:
                 # Another host of a shared subnet may have allocated the gateway
-                # between our look and our write: then it is ours too.
-                joined = self._join_gateway(rec, requested) if shared else None
+                # between our look and our write (and may have joined the subnet
+                # after we read it): then it is ours too.
+                joined = None
+                if gateway:
+                    current = self._get_reservation(pool_id)[1]
+                    if current.id == rec.id and len(current.hosts) > 1:
+                        joined = self._join_gateway(current, requested)
                 if joined is None:
                     raise
                 self._check_still_reserved(rec, joined, undo=False)
