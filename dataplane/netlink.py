@@ -57,7 +57,7 @@ from datastore.errors import (
     Unavailable,
 )
 
-__all__ = ["InterfaceAddress", "Netlink", "Route", "ROUTE_PROTOCOL"]
+__all__ = ["InterfaceAddress", "Netlink", "Route", "ROUTE_PROTOCOL", "RTPROT_BIRD"]
 
 # The route protocol number of every route the routing agent programs: it owns
 # exactly the routes that carry it and never touches another.
@@ -98,6 +98,7 @@ NETNS_RUN_DIR = "/run/netns"
 
 RT_TABLE_MAIN = 254
 RTPROT_KERNEL = 2
+RTPROT_BIRD = 12  # routes BIRD installs (routing bgp)
 RTN_UNICAST = 1
 RTN_BLACKHOLE = 6
 RT_SCOPE_UNIVERSE = 0

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from dataplane.netlink import Netlink
+from dataplane.netlink import RTPROT_BIRD, Netlink
 from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
 from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
@@ -33,6 +33,9 @@ from plugin.network_sync import NetworkSync
 from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
 from profiles.iptables import PolicyWriter
+from routing.bgp_sync import BgpModel
+from routing.bird_control import BirdControl
+from routing.bird_process import BirdSupervisor
 from routing.nodes import NodeRegistry, NodeStatus, local_node, now
 from routing.sync import RouteSync
 from routing.tunnels import ensure_tunnel_addresses
@@ -75,7 +78,11 @@ class Agent:
         self._policy = HostPolicy(settings.hostname, policy_settings(settings))
         self._warnings: set[str] = set()
         self._registry = NodeRegistry(store)
-        self._routes = RouteSync(store, settings.hostname, netlink_factory)
+        self._bgp_routing = settings.routing == "bgp"
+        self._routes = RouteSync(store, settings.hostname, netlink_factory,
+                                 bgp=self._bgp_routing)
+        self._bgp = BgpModel(settings.hostname)
+        self._bird = BirdSupervisor(settings.run_dir)
         self._started = now()
         self._last_resync: float | None = None
         self._node_errors: list[str] = []
@@ -113,6 +120,33 @@ class Agent:
         report = self._routes.program()
         self._node_errors = list(report.errors)
 
+    def program_bgp(self) -> None:
+        """Renders bird.conf from the model and makes BIRD run it (a reload only
+        when the text changed)."""
+        if not self._bgp_routing:
+            return
+        try:
+            text = self._bgp.render(self._routes.nodes, self._routes.pools,
+                                    self._routes.blocks)
+        except ValueError as exc:
+            self._bird.reject(f"no BIRD configuration: {exc}")
+            return
+        self._bird.apply(text)
+
+    def bgp_report(self) -> dict[str, object] | None:
+        """BIRD's state and sessions, for the heartbeat (None without BGP)."""
+        if not self._bgp_routing:
+            return None
+        state = self._bird.state()
+        sessions = []
+        if state.running:
+            try:
+                sessions = [s.to_dict() for s in BirdControl(self._bird.socket_path)
+                            .sessions()]
+            except Exception as exc:  # a status report must not fail the resync
+                log.warning("bgp: reading BIRD's sessions failed: %s", exc)
+        return {**state.to_dict(), "sessions": sessions}
+
     def report_status(self) -> None:
         """The heartbeat, with what this node knows of its routing."""
         plan = self._routes.plan
@@ -127,6 +161,7 @@ class Agent:
             last_resync=self._last_resync, errors=self._node_errors,
             tunnels=dict(report.tunnels) if report else {}, peers=peers,
             routes=len(plan.routes) if plan else 0,
+            routing=self._settings.routing, bgp=self.bgp_report(),
         ))
 
     @property
@@ -162,6 +197,8 @@ class Agent:
             self.reconcile_routes,
             self._routes.load,
             self.program_routes,
+            lambda: self._bgp.load(self._store) if self._bgp_routing else None,
+            self.program_bgp,
             lambda: self.program_policy(full=True),
         ]
         errors: list[str] = []
@@ -186,8 +223,11 @@ class Agent:
         # Routes first (a netlink diff, a few ms: a new block is routed at once), then
         # policy: the events update the model in memory and the writer sends the kernel
         # what changed (an iptables-restore can take tens of ms).
-        if self._routes.apply_events(events):
+        routing_changed = self._routes.apply_events(events)
+        if routing_changed:
             self.program_routes()
+        if (self._bgp.apply_events(events) or routing_changed) and self._bgp_routing:
+            self.program_bgp()
         if self._policy.apply_events(events):
             self.program_policy(full=False)  # loads the model first if it never was
         keys = [event.key for event in events]
@@ -203,7 +243,31 @@ class Agent:
             if netlink.global_rp_filter() == 2:
                 log.warning("net.ipv4.conf.all.rp_filter is 2 (loose): containers can "
                             "spoof addresses the host routes; set it to 0 or 1")
+        if not self._bgp_routing:
+            self._retire_bird()
         self._network_sync.start()
+        try:
+            self._loop(parent_pid)
+        finally:
+            if self._bgp_routing:
+                # Graceful restart: peers and the kernel keep the routes until the
+                # next agent's BIRD is back.
+                self._bird.stop(graceful=True)
+
+    def _retire_bird(self) -> None:
+        """Static routing: a BIRD left running from BGP routing is stopped and its
+        kernel routes removed (the agent programs every route now)."""
+        if self._bird.pid is None and not os.path.exists(self._bird.pid_path):
+            return
+        self._bird.stop(graceful=False)
+        with self._netlink_factory() as netlink:
+            removed = netlink.list_routes(protocol=RTPROT_BIRD)
+            for route in removed:
+                netlink.remove_route(route, protocol=RTPROT_BIRD)
+        log.info("static routing: stopped BIRD and removed its %d kernel route(s)",
+                 len(removed))
+
+    def _loop(self, parent_pid: int | None) -> None:
         # The first resync reads the revision: a datastore that is not answering yet
         # (etcd starting with the host) is retried there, never fatal.
         revision = 0
@@ -225,6 +289,8 @@ class Agent:
                 if events:
                     revision = events[-1].revision
                     self.handle(events)
+                if self._bgp_routing:
+                    self._bird.ensure_running()
             except DatastoreError as exc:
                 log.error("agent: datastore error, retrying: %s", exc)
                 self._stop.wait(1.0)

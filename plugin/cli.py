@@ -16,6 +16,7 @@ from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
+from plugin.bgp_cli import add_bgp_commands
 from plugin.compose import build_ipam, build_network_service, open_datastore
 from plugin.node_cli import add_node_commands
 from plugin.output import table
@@ -119,8 +120,9 @@ def cmd_endpoint_remove(settings: Settings, store: Datastore, args: argparse.Nam
 
 
 def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
-    from dataplane.netlink import Netlink
+    from dataplane.netlink import RTPROT_BIRD, Netlink
     from profiles.iptables import PolicyWriter
+    from routing.bird_process import BirdSupervisor
     from routing.planner import VXLAN_DEVICE
 
     local = [e for e in (EndpointRecord.from_dict(x.data) for x in store.list(ENDPOINTS))
@@ -131,13 +133,16 @@ def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace
               "pass --force", file=sys.stderr)
         return 1
     PolicyWriter().remove_all()
+    BirdSupervisor(settings.run_dir).stop(graceful=False)
     with Netlink() as netlink:
-        routes = netlink.list_routes()
-        for route in routes:
+        routes = netlink.list_routes() + netlink.list_routes(protocol=RTPROT_BIRD)
+        for route in netlink.list_routes():
             netlink.remove_route(route)
+        for route in netlink.list_routes(protocol=RTPROT_BIRD):
+            netlink.remove_route(route, protocol=RTPROT_BIRD)
         netlink.delete_link(VXLAN_DEVICE)
-    print(f"removed every cali- chain, set and hook, {len(routes)} route(s) of ours and "
-          f"{VXLAN_DEVICE} from this host")
+    print(f"removed every cali- chain, set and hook, BIRD, {len(routes)} route(s) of ours "
+          f"and {VXLAN_DEVICE} from this host")
     return 0
 
 
@@ -216,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_profile_commands(commands, common)
     add_node_commands(commands, common)
+    add_bgp_commands(commands, common)
 
     uninstall = commands.add_parser(
         "uninstall", parents=[common],

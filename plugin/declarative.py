@@ -51,11 +51,20 @@ from netaddr import IPNetwork
 from datastore.errors import Conflict, InvalidRequest
 from ipam_driver.pools import BLOCK_SIZE_BOUNDS, ENCAP_MODES, Pool, make_pool, parse_cidr
 from ipam_driver.service import IpamService
+from plugin.bgp_documents import (
+    BGP_KINDS,
+    BgpDocument,
+    apply_bgp_document,
+    bgp_label,
+    get_bgp_documents,
+    parse_bgp_document,
+)
 from profiles.grammar import parse_rule
 from profiles.model import Profile, Rule
 from profiles.store import DIRECTIONS, ProfileStore
+from routing.bgp_store import BgpStore
 
-KINDS = ("pool", "profile")
+KINDS = ("pool", "profile", *BGP_KINDS)
 POOL_KEYS = ("kind", "cidr", "block_size", "ipip", "ipip_mode", "vxlan_mode", "nat_outgoing",
              "disabled")
 POOL_FLAGS = ("ipip", "nat_outgoing", "disabled")
@@ -165,7 +174,7 @@ class PoolDocument:
                 self.vxlan_mode or "never")
 
 
-Document = PoolDocument | Profile
+Document = PoolDocument | Profile | BgpDocument
 
 
 def pool_document(pool: Pool) -> dict[str, Any]:
@@ -187,7 +196,9 @@ def profile_document(profile: Profile) -> dict[str, Any]:
 def label(document: Document) -> str:
     if isinstance(document, PoolDocument):
         return f"pool {document.cidr}"
-    return f"profile {document.name}"
+    if isinstance(document, Profile):
+        return f"profile {document.name}"
+    return bgp_label(document)
 
 
 def rule_from_document(item: Any, where: str) -> Rule:
@@ -235,7 +246,8 @@ def parse_rules_document(data: Any) -> tuple[list[Rule], list[Rule]]:
 
 def _where(number: int, item: Mapping[str, Any]) -> str:
     kind = item.get("kind")
-    ident = item.get("cidr") if kind == "pool" else item.get("name")
+    ident = {"pool": item.get("cidr"), "bgppeer": item.get("address")}.get(
+        str(kind), item.get("name"))
     if kind in KINDS and isinstance(ident, str):
         return f"document {number} ({kind} {ident})"
     return f"document {number}"
@@ -309,18 +321,20 @@ def parse_document(item: Any, number: int) -> Document:
     """One document (number is 1-based, for messages)."""
     if not isinstance(item, Mapping):
         raise InvalidRequest(
-            f"document {number}: expected an object with a 'kind' (pool or profile), "
+            f"document {number}: expected an object with a 'kind' ({', '.join(KINDS)}), "
             f"not {item!r}"
         )
     where = _where(number, item)
     kind = item.get("kind")
     if kind not in KINDS:
-        problem = "missing" if kind is None else f"'{kind}' is not one of pool, profile"
+        problem = "missing" if kind is None else f"'{kind}' is not one of {', '.join(KINDS)}"
         raise InvalidRequest(f"{where}: kind: {problem}")
     try:
         if kind == "pool":
             return _parse_pool(item)
-        return _parse_profile(item)
+        if kind == "profile":
+            return _parse_profile(item)
+        return parse_bgp_document(item)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: {exc}") from None
 
@@ -330,9 +344,15 @@ def parse_documents(items: Sequence[Any]) -> list[Document]:
     documents = [parse_document(item, number) for number, item in enumerate(items, 1)]
     pools: list[tuple[int, IPNetwork]] = []
     names: dict[str, int] = {}
+    others: dict[str, int] = {}
     for number, document in enumerate(documents, 1):
         where = f"document {number} ({label(document)})"
-        if isinstance(document, PoolDocument):
+        if not isinstance(document, PoolDocument | Profile):
+            if label(document) in others:
+                raise InvalidRequest(
+                    f"{where}: is also given in document {others[label(document)]}")
+            others[label(document)] = number
+        elif isinstance(document, PoolDocument):
             network = IPNetwork(document.cidr)
             for other_number, other in pools:
                 if other.version == network.version and (
@@ -359,6 +379,8 @@ def check_against(
     """Refuse documents that the datastore's current state cannot take."""
     for number, document in enumerate(documents, 1):
         where = f"document {number} ({label(document)})"
+        if not isinstance(document, PoolDocument | Profile):
+            continue
         if isinstance(document, Profile):
             if document.name in RESERVED_PROFILE_NAMES and document.name not in profile_names:
                 raise InvalidRequest(f"{where}: name: {reserved_message(document.name)}")
@@ -388,7 +410,7 @@ def reserved_message(name: str) -> str:
 
 
 def apply_documents(
-    documents: Sequence[Document], ipam: IpamService, profiles: ProfileStore
+    documents: Sequence[Document], ipam: IpamService, profiles: ProfileStore, bgp: BgpStore
 ) -> list[str]:
     """Check documents against the datastore, then apply them in order.
 
@@ -413,16 +435,23 @@ def apply_documents(
                                            disabled=document.disabled,
                                            ipip_mode=ipip_mode, vxlan_mode=vxlan_mode)
                 status = "unchanged" if updated == existing else "updated"
-        else:
+        elif isinstance(document, Profile):
             status = profiles.put(document)
+        else:
+            status = apply_bgp_document(document, bgp)
         results.append(f"{label(document)}: {status}")
     return results
 
 
-def get_documents(kind: str, ipam: IpamService, profiles: ProfileStore) -> list[dict[str, Any]]:
-    """Every pool or every profile as apply documents."""
+def get_documents(kind: str, ipam: IpamService, profiles: ProfileStore, bgp: BgpStore
+                  ) -> list[dict[str, Any]]:
+    """Every object of a kind as apply documents."""
     if kind in ("pool", "pools"):
         return [pool_document(pool) for pool in ipam.get_pools()]
     if kind in ("profile", "profiles"):
         return [profile_document(profile) for profile in profiles.list()]
-    raise InvalidRequest(f"cannot get '{kind}': expected pools or profiles")
+    documents = get_bgp_documents(kind, bgp)
+    if documents is not None:
+        return documents
+    raise InvalidRequest(
+        f"cannot get '{kind}': expected pools, profiles, bgpconfig, bgppeers or nodes")

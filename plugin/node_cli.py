@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from datastore.base import Datastore
+from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, EndpointRecord
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.service import BLOCKS_PREFIX, POOLS_KEY
+from plugin.bgp_cli import add_node_set_command
 from plugin.node_removal import remove_node
 from plugin.output import table
 from plugin.settings import Settings
-from routing.nodes import NodeRegistry, now
+from routing.bgp_store import BgpStore
+from routing.bgp_sync import effective_as
+from routing.bird_control import BirdControl
+from routing.nodes import NodeRegistry, NodeStatus, now
 from routing.sync import pool_infos
 
 
@@ -22,6 +28,8 @@ def node_overview(store: Datastore, timeout: float) -> list[dict[str, Any]]:
     whether its heartbeat is recent."""
     registry = NodeRegistry(store)
     statuses = registry.statuses()
+    bgp = BgpStore(store)
+    config, node_settings = bgp.settings(), bgp.nodes()
     blocks: dict[str, list[str]] = {}
     for entry in store.list(BLOCKS_PREFIX):
         block = AllocationBlock.from_dict(entry.data)
@@ -36,6 +44,9 @@ def node_overview(store: Datastore, timeout: float) -> list[dict[str, Any]]:
         status = statuses.get(node.name)
         rows.append({
             **node.to_dict(),
+            "effective_as": effective_as(node, node_settings.get(node.name), config),
+            "route_reflector_cluster_id": (node_settings[node.name].rr_cluster_id
+                                           if node.name in node_settings else None),
             "alive": bool(status and status.alive(moment, timeout)),
             "heartbeat_age": round(moment - status.heartbeat, 1) if status else None,
             "blocks": sorted(blocks.get(node.name, [])),
@@ -51,11 +62,47 @@ def cmd_node_show(settings: Settings, store: Datastore, args: argparse.Namespace
         return 0
     print(table(
         ["NAME", "IPV4", "IPV6", "AS", "TUNNELS", "BLOCKS", "ENDPOINTS", "STATE"],
-        [[r["name"], r["ipv4"] or "-", r["ipv6"] or "-", r["as_number"],
+        [[r["name"], r["ipv4"] or "-", r["ipv6"] or "-", r["effective_as"],
           ",".join(f"{k}={r[k + '_ipv4']}" for k in ("vxlan", "ipip") if r[k + "_ipv4"])
           or "-", " ".join(r["blocks"]) or "-", r["endpoints"],
           "alive" if r["alive"] else "down"] for r in rows]))
     return 0
+
+
+def bgp_view(settings: Settings, name: str, status: NodeStatus | None) -> dict[str, Any]:
+    """BIRD's state and sessions: live from the control socket for this host, else
+    from the node's last heartbeat."""
+    reported = (status.bgp if status else None) or {}
+    view: dict[str, Any] = {
+        "bird_running": bool(reported.get("running")), "pid": reported.get("pid"),
+        "config_error": reported.get("config_error"),
+        "restarts": reported.get("restarts", 0),
+        "sessions": reported.get("sessions", []), "source": "heartbeat",
+    }
+    if name != settings.hostname:
+        return view
+    control = BirdControl(os.path.join(settings.run_dir, "bird.ctl"))
+    try:
+        sessions = control.sessions()
+    except CalicoCnmError as exc:
+        view.update(bird_running=False, sessions=[], source="socket", socket_error=str(exc))
+        return view
+    view.update(bird_running=True, sessions=[s.to_dict() for s in sessions],
+                source="socket")
+    return view
+
+
+def _bgp_tables(sessions: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for family in (4, 6):
+        rows = [[s["neighbor"] or s["name"], s["peer_type"] or "-", s["state"], s["since"],
+                 s["info"] + (f" ({s['error']})" if s.get("error") else "")]
+                for s in sessions if s["family"] == family]
+        out.append(f"IPv{family} BGP status")
+        out.append(table(["PEER ADDRESS", "PEER TYPE", "STATE", "SINCE", "INFO"], rows)
+                   if rows else f"No IPv{family} peers found.")
+        out.append("")
+    return out
 
 
 def cmd_node_status(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
@@ -66,18 +113,39 @@ def cmd_node_status(settings: Settings, store: Datastore, args: argparse.Namespa
     pools = store.get(POOLS_KEY)
     modes = [{"pool": p.cidr, "vxlan_mode": p.vxlan_mode, "ipip_mode": p.ipip_mode}
              for p in pool_infos(pools.data if pools else None)]
-    report = {
+    bgp = BgpStore(store)
+    config = bgp.settings()
+    routing = status.routing if status else "unknown"
+    report: dict[str, Any] = {
         "node": record.to_dict(),
+        "as_number": effective_as(record, bgp.node(name), config),
         "alive": bool(status and status.alive(now(), settings.node_timeout)),
-        "routing": modes,
+        "routing": routing,
+        "pools": modes,
         "status": status.to_dict() if status else None,
+        "bgp": bgp_view(settings, name, status) if routing == "bgp" else None,
     }
     if args.output == "json":
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
+    alive = report["alive"]
+    print(f"calico-cnm agent on {record.name} is "
+          + (f"running (routing {routing})" if alive else "not running (no recent heartbeat)"))
+    view = report["bgp"]
+    if view is not None:
+        if view["bird_running"]:
+            print("BIRD is running" + (f" (pid {view['pid']})" if view["pid"] else "")
+                  + (f", restarted {view['restarts']} time(s)" if view["restarts"] else ""))
+        else:
+            print("BIRD is not running" + (f": {view['socket_error']}"
+                                           if view.get("socket_error") else ""))
+        if view["config_error"]:
+            print(f"BIRD configuration error: {view['config_error']}")
+        print()
+        print("\n".join(_bgp_tables(view["sessions"])))
     print(f"node {record.name}: IPv4 {record.ipv4 or '-'}, IPv6 {record.ipv6 or '-'}, "
-          f"uplink {record.interface or '-'} (MTU {record.mtu or '-'}), AS {record.as_number}")
-    print("state: " + ("alive" if report["alive"] else "down (no recent heartbeat)"))
+          f"uplink {record.interface or '-'} (MTU {record.mtu or '-'}), "
+          f"AS {report['as_number']}")
     for mode in modes:
         print(f"pool {mode['pool']}: vxlan {mode['vxlan_mode']}, ipip {mode['ipip_mode']}")
     if status is None:
@@ -129,5 +197,6 @@ def add_node_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     remove.add_argument("--force", action="store_true",
                         help="even while the node still sends heartbeats")
     remove.set_defaults(handler=cmd_node_remove)
+    add_node_set_command(actions, common)
 
 

@@ -55,6 +55,7 @@ from plugin.settings import Settings
 from profiles.grammar import format_rule, parse_rule
 from profiles.model import Profile, Rule
 from profiles.store import DIRECTIONS, ProfileStore, check_direction
+from routing.bgp_store import BgpStore
 
 Handler = Callable[[Settings, Datastore, argparse.Namespace], int]
 
@@ -306,13 +307,15 @@ def cmd_apply(settings: Settings, store: Datastore, args: argparse.Namespace) ->
     if not documents:
         print(f"{source}: no documents, nothing to apply")
         return 0
-    for line in apply_documents(documents, build_ipam(settings, store), _profiles(store)):
+    for line in apply_documents(documents, build_ipam(settings, store), _profiles(store),
+                                BgpStore(store)):
         print(line)
     return 0
 
 
 def cmd_get(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
-    documents = get_documents(args.kind, build_ipam(settings, store), _profiles(store))
+    documents = get_documents(args.kind, build_ipam(settings, store), _profiles(store),
+                              BgpStore(store))
     _write(dump_documents(documents, args.output))
     return 0
 
@@ -410,18 +413,22 @@ def add_profile_commands(
 
     apply = commands.add_parser(
         "apply", parents=[common],
-        help="create or update pools and profiles from YAML or JSON documents",
-        description="Documents: {kind: pool, cidr, block_size, ipip, nat_outgoing, "
-        "disabled} and {kind: profile, name, tags, rules: {inbound, outbound}}, as "
-        "`calico-cnm get` prints them. Every document is checked before any is applied.",
+        help="create or update pools, profiles and BGP settings from YAML or JSON documents",
+        description="Documents: {kind: pool, cidr, block_size, ipip_mode, vxlan_mode, "
+        "nat_outgoing, disabled}, {kind: profile, name, tags, rules: {inbound, outbound}}, "
+        "{kind: bgpconfig, as_number, mesh}, {kind: bgppeer, address, as_number, node} and "
+        "{kind: node, name, as_number, route_reflector_cluster_id}, as `calico-cnm get` "
+        "prints them. Every document is checked before any is applied.",
     )
     apply.add_argument("-f", "--filename", dest="file", metavar="FILE", required=True,
                        help="a YAML or JSON file; - reads stdin")
     apply.set_defaults(handler=cmd_apply)
 
     get = commands.add_parser("get", parents=[common],
-                              help="print pools or profiles as documents for `apply -f`")
-    get.add_argument("kind", choices=("pools", "profiles", "pool", "profile"),
-                     metavar="pools|profiles")
+                              help="print pools, profiles or BGP settings as documents "
+                              "for `apply -f`")
+    get.add_argument("kind", choices=("pools", "profiles", "pool", "profile", "bgpconfig",
+                                      "bgppeers", "bgppeer", "nodes", "node"),
+                     metavar="pools|profiles|bgpconfig|bgppeers|nodes")
     get.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="yaml")
     get.set_defaults(handler=cmd_get)

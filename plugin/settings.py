@@ -16,6 +16,8 @@ from datastore.errors import InvalidRequest
 DEFAULT_SQLITE_PATH = "/var/lib/calico-cnm/state.db"
 DEFAULT_PLUGIN_DIR = "/run/docker/plugins"
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+DEFAULT_RUN_DIR = "/run/calico-cnm"
+ROUTING_MODES = ("static", "bgp")
 WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
 AUTODETECTION_METHODS = ("first-found", "interface=REGEX", "can-reach=DESTINATION")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -47,9 +49,11 @@ class Settings:
     node_ipv6: str | None = None
     ip_autodetection: str = "first-found"
     ipv6_autodetection: str = "first-found"
-    as_number: int = 64512
+    as_number: int | None = None  # None: the cluster's default (`bgp as`)
     sync_networks: bool = True
     node_timeout: float = 30.0
+    routing: str = "static"
+    run_dir: str = DEFAULT_RUN_DIR
 
     @property
     def uses_etcd(self) -> bool:
@@ -109,8 +113,13 @@ class Settings:
         for flag, method in (("ip-autodetection", self.ip_autodetection),
                              ("ipv6-autodetection", self.ipv6_autodetection)):
             check_autodetection(flag, method)
-        if not 1 <= self.as_number <= 4294967295:
+        if self.as_number is not None and not 1 <= self.as_number <= 4294967295:
             raise InvalidRequest(f"AS number {self.as_number} is out of range (1 to 4294967295)")
+        if self.routing not in ROUTING_MODES:
+            raise InvalidRequest(
+                f"routing {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
+        if not os.path.isabs(self.run_dir):
+            raise InvalidRequest(f"run directory {self.run_dir!r} is not an absolute path")
         if self.node_timeout <= 0:
             raise InvalidRequest("node timeout must be positive")
         if self.workload_to_host not in WORKLOAD_TO_HOST_ACTIONS:
@@ -174,6 +183,8 @@ ENVIRONMENT = {
     "as_number": "CALICO_CNM_AS_NUMBER",
     "sync_networks": "CALICO_CNM_SYNC_NETWORKS",
     "node_timeout": "CALICO_CNM_NODE_TIMEOUT",
+    "routing": "CALICO_CNM_ROUTING",
+    "run_dir": "CALICO_CNM_RUN_DIR",
 }
 
 HELP = {
@@ -208,18 +219,22 @@ HELP = {
     "ip_autodetection": "how to find the node's IPv4 address: first-found, "
     "interface=REGEX or can-reach=DESTINATION (default first-found)",
     "ipv6_autodetection": "the same for IPv6 (default first-found)",
-    "as_number": "this node's BGP AS number (default 64512)",
+    "as_number": "this node's BGP AS number (default: the cluster's, `bgp as`; "
+    "`node set --as` overrides both)",
     "sync_networks": "create every calico network of the cluster in this host's Docker, "
     "and remove it when it is removed elsewhere: true or false (default true)",
     "node_timeout": "seconds without a heartbeat after which a node counts as down "
     "(default 30)",
+    "routing": "how routes to other hosts are made: static (the agent programs them) or "
+    "bgp (BIRD 2, run by the agent, exchanges them; default static)",
+    "run_dir": f"BIRD's configuration and control socket (default {DEFAULT_RUN_DIR})",
 }
 
 
 def _convert(name: str, raw: str) -> object:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     try:
-        if kind == "int":
+        if kind in ("int", "int | None"):
             return int(raw)
         if kind == "float":
             return float(raw)

@@ -27,12 +27,13 @@ Originating them here keeps the advertisement a function of the datastore alone:
 does not flap while the agent replaces its kernel routes during a resync, does not
 depend on BIRD's kernel scan, and needs no filter keyed on a foreign route protocol.
 
-Filters: only prefixes inside BGP-carried pools (every pool but VXLAN ones, whose
-routes the agent programs) are imported from BGP and installed in the kernel. Towards
-other nodes a node exports its own routes and (for reflection) BGP routes inside those
-pools; towards explicit peers only its own routes. Every session has explicit filters
-(RFC 8212). The kernel protocols learn non-Calico kernel routes (e.g. a default route)
-so multihop BGP next hops resolve recursively, and never learn anything inside a pool.
+Filters: only prefixes inside BGP-carried pools (pools without encapsulation; the
+agent programs VXLAN and IP-in-IP pool routes) are imported from BGP and installed
+in the kernel. Towards other nodes a node exports its own routes and (for
+reflection) BGP routes inside those pools; towards explicit peers only its own
+routes. Every session has explicit filters (RFC 8212). The kernel protocols learn
+non-Calico kernel routes (e.g. a default route) so multihop BGP next hops resolve
+recursively, and never learn anything inside a pool.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ KERNEL_SCAN_TIME = 2
 DEVICE_SCAN_TIME = 10
 # Devices whose routes say nothing about how to reach a BGP neighbour.
 DIRECT_EXCLUDED = ("cali*", "docker*", "br-*", "veth*", "tunl*", "vxlan*")
+
+# Peer types, as `node status` shows them.
+PEER_MESH = "node-to-node mesh"
+PEER_GLOBAL = "global"
+PEER_NODE = "node specific"
+PEER_REFLECTOR = "route reflector"
+PEER_RR_CLIENT = "route reflector client"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,8 +118,10 @@ def identifier(prefix: str, address: IPAddress | str) -> str:
 
 
 def bgp_pools(pools: Iterable[PoolInfo]) -> list[PoolInfo]:
-    """The pools whose routes BGP carries: all but VXLAN pools."""
-    return [p for p in pools if p.vxlan_mode == MODE_NEVER]
+    """The pools whose routes BGP carries: those without encapsulation. The agent
+    programs VXLAN and IP-in-IP pool routes itself, with or without BGP (one owner
+    per route, and the same tested path in both routing modes)."""
+    return [p for p in pools if p.vxlan_mode == MODE_NEVER and p.ipip_mode == MODE_NEVER]
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class _Session:
     rr_cluster_id: str | None = None  # set: the neighbour is our reflector client
     next_hop_self: bool = False
     comment: str = ""
+    peer_type: str = ""  # shown by `node status` (BIRD's protocol description)
 
 
 def _sort_key(address: IPAddress) -> tuple[int, int]:
@@ -173,12 +184,13 @@ def _node_sessions(me: BgpNode, nodes: Iterable[BgpNode], settings: BgpSettings
     sessions = []
     for other in others:
         if settings.mesh:
-            prefix, rr_cluster_id = "Mesh", None
+            prefix, rr_cluster_id, peer_type = "Mesh", None, PEER_MESH
         elif me.reflector:
             prefix = "Node"
             rr_cluster_id = None if other.reflector else me.rr_cluster_id
+            peer_type = PEER_REFLECTOR if other.reflector else PEER_RR_CLIENT
         elif other.reflector:
-            prefix, rr_cluster_id = "Node", None
+            prefix, rr_cluster_id, peer_type = "Node", None, PEER_REFLECTOR
         else:
             continue  # two clients never peer
         for version in (4, 6):
@@ -190,7 +202,7 @@ def _node_sessions(me: BgpNode, nodes: Iterable[BgpNode], settings: BgpSettings
                 local_as=me.asn(settings), neighbor=theirs,
                 neighbor_as=other.asn(settings), export=f"calico_export_nodes{version}",
                 passive=int(theirs) > int(mine), rr_cluster_id=rr_cluster_id,
-                comment=f"node {other.name}"))
+                comment=f"node {other.name}", peer_type=peer_type))
     return sessions
 
 
@@ -218,7 +230,8 @@ def _peer_sessions(me: BgpNode, peers: Iterable[BgpPeer], settings: BgpSettings,
             name=identifier(prefix, address), version=address.version, local=mine,
             local_as=me.asn(settings), neighbor=address, neighbor_as=peer.as_number,
             export=f"calico_export_local{address.version}", next_hop_self=True,
-            comment=("global peer" if peer.node is None else f"peer of node {peer.node}")))
+            comment=("global peer" if peer.node is None else f"peer of node {peer.node}"),
+            peer_type=PEER_GLOBAL if peer.node is None else PEER_NODE))
     return sessions, skipped
 
 
@@ -256,6 +269,7 @@ def _filters(version: int, pools: Sequence[PoolInfo]) -> list[str]:
 def _session_lines(session: _Session) -> list[str]:
     v = session.version
     lines = [f"protocol bgp {session.name} {{  # {session.comment}",
+             f'  description "{session.peer_type}";',
              f"  local {session.local} as {session.local_as};",
              f"  neighbor {session.neighbor} as {session.neighbor_as};",
              "  multihop;"]
@@ -309,6 +323,7 @@ def render_bird_config(me: BgpNode, nodes: list[BgpNode], peers: list[BgpPeer],
            + (f", route reflector (cluster id {me.rr_cluster_id})" if me.reflector
               and not settings.mesh else "") + ".",
            "",
+           "log stderr { info, remote, warning, error, auth, fatal, bug };",
            f"router id {rid};",
            "",
            "protocol device {",

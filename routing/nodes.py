@@ -28,7 +28,6 @@ from routing.planner import NodeInfo
 
 NODES = ROOT + "nodes/"
 NODE_STATUS = ROOT + "nodestatus/"
-DEFAULT_AS_NUMBER = 64512
 
 # Devices whose addresses are never a node's: ours, Docker's, bridges, veths, tunnels.
 EXCLUDED_INTERFACES = re.compile(
@@ -52,7 +51,7 @@ class NodeRecord:
     ipv6: str | None = None
     interface: str | None = None  # the uplink (VXLAN's parent; its MTU sizes veths)
     mtu: int | None = None
-    as_number: int = DEFAULT_AS_NUMBER
+    as_number: int | None = None  # given by the node's --as-number; None: the default
     vxlan_ipv4: str | None = None  # tunnel addresses, from a pool of that mode
     ipip_ipv4: str | None = None
 
@@ -80,6 +79,8 @@ class NodeStatus:
     tunnels: dict[str, Any] = field(default_factory=dict)
     peers: list[dict[str, Any]] = field(default_factory=list)
     routes: int = 0
+    routing: str = "static"
+    bgp: dict[str, Any] | None = None  # BIRD's state and sessions (routing bgp)
 
     def alive(self, now: float, timeout: float) -> bool:
         return now - self.heartbeat <= timeout
@@ -235,7 +236,7 @@ def local_node(
     node_ipv6: str | None = None,
     ip_autodetection: str = "first-found",
     ipv6_autodetection: str = "first-found",
-    as_number: int = DEFAULT_AS_NUMBER,
+    as_number: int | None = None,
 ) -> NodeRecord:
     """This host's node record from its interfaces (given or autodetected addresses).
 

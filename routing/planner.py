@@ -15,6 +15,10 @@ that node, by the pool's mode:
 this node become blackhole routes (a freed address of ours is not routed back out);
 an address borrowed from another node's block is routed as a /32 (/128) to the node
 that borrowed it, on every node but that one.
+
+With BGP (``bgp=True``) the routes of pools without encapsulation are BIRD's: the
+plan leaves them out (and reports the peer as reached by BGP); VXLAN and IP-in-IP
+pool routes and the local blackholes stay the agent's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ ENCAP_MODES = (MODE_ALWAYS, MODE_CROSS_SUBNET, MODE_NEVER)
 DIRECT = "direct"
 VXLAN = "vxlan"
 IPIP = "ipip"
+BGP = "bgp"
 
 
 def vtep_mac(node_name: str) -> str:
@@ -166,6 +171,7 @@ def plan_routes(
     nodes: Mapping[str, NodeInfo],
     pools: Iterable[PoolInfo],
     blocks: Iterable[BlockInfo],
+    bgp: bool = False,
 ) -> RoutePlan:
     pools = list(pools)
     plan = RoutePlan()
@@ -195,6 +201,11 @@ def plan_routes(
             report.unreachable.append(f"{dst}: node has no IPv{version} address")
             return
         mode = peer_mode(me, node, pool, version)
+        if bgp and (pool is None or (pool.vxlan_mode == MODE_NEVER
+                                     and pool.ipip_mode == MODE_NEVER)):
+            report.modes.add(BGP)  # BIRD learns and installs it
+            report.routes += 1
+            return
         if mode == VXLAN:
             if plan.vxlan is None or not node.vxlan_ipv4:
                 report.unreachable.append(f"{dst}: node has no VXLAN tunnel address yet")

@@ -44,7 +44,8 @@ def pool_infos(data: Any) -> list[PoolInfo]:
 
 class RouteSync:
     def __init__(self, store: Datastore, hostname: str,
-                 netlink_factory: Callable[[], RoutingNetlink]) -> None:
+                 netlink_factory: Callable[[], RoutingNetlink], bgp: bool = False) -> None:
+        self._bgp = bgp
         self._store = store
         self._hostname = hostname
         self._netlink_factory = netlink_factory
@@ -120,6 +121,10 @@ class RouteSync:
     def blocks(self) -> list[BlockInfo]:
         return list(self._blocks.values())
 
+    @property
+    def pools(self) -> list[PoolInfo]:
+        return list(self._pools)
+
     # -- output ----------------------------------------------------------------------
 
     def program(self) -> WriteReport:
@@ -132,7 +137,7 @@ class RouteSync:
             self.last_report = report
             return report
         plan = plan_routes(me.info(), {n: r.info() for n, r in self._nodes.items()},
-                           self._pools, self._blocks.values())
+                           self._pools, self._blocks.values(), bgp=self._bgp)
         with self._netlink_factory() as netlink:  # type: ignore[attr-defined]
             report = write_plan(netlink, plan, me.interface, me.mtu)
         if report.changed:

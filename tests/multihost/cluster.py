@@ -66,7 +66,8 @@ ETCD = "/usr/bin/etcd"
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "mount", "containerd", "runc", "docker",
                   "busybox")
 # Private per host, each a tmpfs in the host's mount namespace.
-PRIVATE_MOUNTS = ("/run/docker/plugins", "/run/containerd", "/etc/docker")
+# /run/calico-cnm: the plugin's run directory (BIRD's configuration and socket).
+PRIVATE_MOUNTS = ("/run/docker/plugins", "/run/containerd", "/etc/docker", "/run/calico-cnm")
 DEFAULT_POOLS = "10.124.0.0/16,fd00:124::/48"
 # A container's default command: sleeps, but stops at once on SIGTERM (a bare
 # `sleep` as PID 1 ignores it, so every stop, and dockerd's shutdown, waits 10 s).
@@ -799,6 +800,95 @@ class Host:
         for network in self.networks():
             if network not in ("none", "host", "bridge"):
                 self.docker("network", "rm", network, check=False)
+
+
+class BareNode:
+    """A node with no Docker: a network namespace on a segment that runs only
+    `calico-cnm agent` (a route reflector, say). Its run directory is /run/cnmh-NAME."""
+
+    def __init__(self, cluster: Cluster, name: str, segment: Segment, octet: int) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.segment = segment
+        self.netns = PREFIX + name
+        self.netns_path = str(NETNS_DIR / self.netns)
+        self.address = f"{segment.net4}.{octet}"
+        self.address6 = f"{segment.net6}::{octet}"
+        self.run_dir = Path(f"/run/{PREFIX}{name}")
+        self.log_path = LOG_DIR / f"{name}-agent.log"
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def create(self) -> None:
+        run("ip", "netns", "add", self.netns)
+        self.cluster._sysctl(self.netns)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster._ip_batch(self.cluster.fabric_netns, [
+            f"link add {self.name} type veth peer name eth0 netns {self.netns}",
+            f"link set {self.name} master {self.segment.bridge} up",
+        ])
+        self.cluster._ip_batch(self.netns, [
+            "link set lo up", "link set eth0 up",
+            f"addr add {self.address}/24 dev eth0",
+            f"addr add {self.address6}/64 dev eth0 nodad",
+            f"route add default via {self.segment.gateway}",
+            f"route add ::/0 via {self.segment.gateway6}",
+        ])
+
+    def settings_env(self) -> dict[str, str]:
+        return {
+            "CALICO_CNM_HOSTNAME": self.name,
+            "ETCD_ENDPOINTS": f"http://{self.segment.gateway}:{ETCD_PORT}",
+            "CALICO_CNM_SQLITE_PATH": str(self.run_dir / "unused.db"),
+            "CALICO_CNM_RUN_DIR": str(self.run_dir / "calico-cnm"),
+            "DOCKER_HOST": f"unix://{self.run_dir}/no-docker.sock",
+            "CALICO_CNM_SYNC_NETWORKS": "false",
+            "CALICO_CNM_RESYNC_INTERVAL": "2",
+            "CALICO_CNM_LOG_LEVEL": "info",
+            **self.cluster.plugin_env,
+        }
+
+    def sh(self, *args: str, check: bool = True, timeout: float = 30
+           ) -> subprocess.CompletedProcess[str]:
+        return run("nsenter", f"--net={self.netns_path}", "--", *args, check=check,
+                   timeout=timeout, env=_environment())
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+        result = run("nsenter", f"--net={self.netns_path}", "--", CLI, *args, check=False,
+                     timeout=timeout, env=_environment(self.settings_env()))
+        if check and result.returncode != 0:
+            raise AssertionError(f"[{self.name}] calico-cnm {' '.join(args)} exited "
+                                 f"{result.returncode}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def agent_start(self, *flags: str) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            raise ClusterError(f"the agent of {self.name} already runs")
+        with open(self.log_path, "ab") as log:
+            self.agent = subprocess.Popen(
+                ["nsenter", f"--net={self.netns_path}", "--", CLI, "agent",
+                 "--hostname", self.name, *flags],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                env=_environment(self.settings_env()), cwd="/", start_new_session=True)
+
+    def agent_stop(self, timeout: float = 15) -> None:
+        if self.agent is None:
+            return
+        self.agent.terminate()
+        try:
+            self.agent.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.agent.kill()
+            self.agent.wait(timeout=10)
+        self.agent = None
+
+    def destroy(self) -> None:
+        """Stops the agent, kills what is left in the namespace, removes it all."""
+        self.agent_stop()
+        kill_and_wait(pids_in_netns([self.netns_path]))
+        run("ip", "netns", "del", self.netns, check=False)
+        run("ip", "-n", self.cluster.fabric_netns, "link", "del", self.name, check=False)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:
