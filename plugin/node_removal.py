@@ -3,8 +3,9 @@
 Its endpoint records and their addresses, its networks' claims on their subnets (the
 last claim releases a subnet), its tunnel addresses, the affinity of its blocks (a
 block still holding addresses, e.g. a gateway other hosts use, stays without a host;
-an empty one is deleted), and its node record and status. Every other host's agent
-then removes its routes to that node's blocks (they are gone from the datastore).
+an empty one is deleted), its node record and status, and its BGP settings and own
+peers. Every other host's agent then removes its routes to that node's blocks (they
+are gone from the datastore) and its BGP sessions to it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datastore.base import Datastore
 from datastore.errors import Conflict, NotFound
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from ipam_driver.service import TUNNEL_OPTION, IpamService
+from routing.bgp_store import BgpStore
 from routing.nodes import NodeRegistry, now
 from routing.tunnels import MODES, tunnel_handle
 
@@ -74,6 +76,7 @@ def remove_node(store: Datastore, name: str, timeout: float, force: bool,
         removal.addresses += ipam.release_handle(handle)
     removal.blocks = ipam.release_affinity(name)
     registry.forget(name)
+    BgpStore(store).forget_node(name)  # its AS, reflector id and own peers
     log.info("removed node %s: %d endpoint(s), %d network(s), %d address(es), %d block(s)",
              name, len(removal.endpoints), len(removal.networks), len(removal.addresses),
              len(removal.blocks))

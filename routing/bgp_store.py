@@ -17,7 +17,6 @@ made before the node first starts (a route reflector is configured, then started
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,7 +244,3 @@ class BgpStore:
         self._store.delete(NODE_SETTINGS + name)
         for entry in self._store.list(f"{NODE_PEERS}{name}/"):
             self._store.delete(entry.key)
-
-
-def loads(value: str | None) -> Any:
-    return json.loads(value) if value else None

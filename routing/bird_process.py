@@ -92,6 +92,7 @@ class BirdSupervisor:
         """Makes BIRD run this configuration; whether it now does. Unchanged text is
         not written or reloaded again."""
         if text == self._applied and self.running():
+            self._accepted()  # e.g. back to the running text after a refused one
             return True
         if self._bird is None:
             self._config_error = ("BIRD is not installed: install Debian's bird2 "
@@ -118,11 +119,14 @@ class BirdSupervisor:
             self._reject(str(exc))
             return self.running()
         self._applied = text
-        self._config_error = None
         self._configured = time.time()
+        self._accepted()
+        return True
+
+    def _accepted(self) -> None:
+        self._config_error = None
         if os.path.exists(self.rejected_path):
             os.unlink(self.rejected_path)
-        return True
 
     def _reject(self, message: str) -> None:
         if message != self._config_error:

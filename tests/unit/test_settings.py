@@ -58,3 +58,21 @@ def test_every_setting_is_a_flag() -> None:
                                       "--resync-interval", "3"])
     assert args.etcd_endpoints == "http://e:2379" and args.resync_interval == "3"
     assert isinstance(load({"resync_interval": args.resync_interval}, {}), Settings)
+
+
+def test_routing_mode_run_dir_and_an_unset_as_number() -> None:
+    settings = load({}, {"CALICO_CNM_ROUTING": "bgp", "CALICO_CNM_RUN_DIR": "/run/x"})
+    assert (settings.routing, settings.run_dir, settings.as_number) == ("bgp", "/run/x", None)
+    assert load({"as_number": "64601"}, {}).as_number == 64601
+    with pytest.raises(InvalidRequest, match="routing 'ospf' is not one of static, bgp"):
+        load({}, {"CALICO_CNM_ROUTING": "ospf"})
+    with pytest.raises(InvalidRequest, match="not an absolute path"):
+        load({"run_dir": "run/x"}, {})
+
+
+def test_bgp_command_flags_do_not_leak_into_the_settings() -> None:
+    # `--as` of `bgp peer add` / `node set` is not the agent's --as-number.
+    args = build_parser().parse_args(["bgp", "peer", "add", "10.0.0.1", "--as", "65001"])
+    assert args.peer_as == "65001" and args.as_number is None
+    args = build_parser().parse_args(["node", "set", "h1", "--as", "default"])
+    assert args.node_as == "default" and args.as_number is None
