@@ -76,6 +76,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.sections import BENCHMARKS, write_section  # noqa: E402
 from routing.bird import (  # noqa: E402
     CONNECT_DELAY_TIME,
     CONNECT_RETRY_TIME,
@@ -85,7 +86,6 @@ from routing.bird import (  # noqa: E402
 )
 from routing.planner import BlockInfo, PoolInfo  # noqa: E402
 
-BENCHMARKS = REPO / "BENCHMARKS.md"
 SECTION = "## BGP scale (issue 7)"
 
 PREFIX = "cnmb-"                              # namespaces and temporary directories
@@ -967,14 +967,6 @@ def render(results: list[Result], args: argparse.Namespace, versions: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(content):
-        content = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", content)
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    BENCHMARKS.write_text(content.rstrip("\n") + "\n")
 
 
 # -------------------------------------------------------------------------- main
@@ -1043,7 +1035,7 @@ def main() -> int:
     else:
         print(f"nothing left behind: no {PREFIX}* namespace, bird process or directory")
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the section {SECTION!r} of {BENCHMARKS}")
     return 1 if leftovers else 0
 

@@ -39,7 +39,6 @@ import ipaddress
 import json
 import os
 import platform
-import re
 import select
 import signal
 import socket
@@ -59,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.sections import BENCHMARKS, write_section  # noqa: E402
 from tests.multihost.cluster import (  # noqa: E402
     Cluster,
     Container,
@@ -68,7 +68,6 @@ from tests.multihost.cluster import (  # noqa: E402
     wait_for,
 )
 
-BENCHMARKS = REPO / "BENCHMARKS.md"
 SECTION = "## Cross-host (issue 6)"
 
 ROUTE_PROTOCOL = 202                 # the protocol number of our routes
@@ -600,14 +599,6 @@ def render(paths: list[Path_], notes: dict[str, str], samples: list[Sample],
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(content):
-        content = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", content)
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    BENCHMARKS.write_text(content.rstrip("\n") + "\n")
 
 
 def our_processes() -> list[str]:
@@ -704,7 +695,7 @@ def main() -> int:
     else:
         print("the cluster left nothing behind (namespaces, processes, mounts, links)")
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the section {SECTION!r} of {BENCHMARKS}")
     return 1 if leftovers else 0
 

@@ -30,7 +30,6 @@ import ctypes
 import datetime
 import os
 import random
-import re
 import secrets
 import shlex
 import statistics
@@ -47,6 +46,7 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sections import write_section  # noqa: E402
 from datastore.base import dumps  # noqa: E402
 from datastore.sqlite import SqliteDatastore  # noqa: E402
 from driver.records import EndpointRecord, NetworkRecord, endpoint_key, network_key  # noqa: E402
@@ -68,7 +68,6 @@ from profiles.iptables import PolicyWriter  # noqa: E402
 from profiles.model import Profile  # noqa: E402
 from profiles.store import ProfileStore  # noqa: E402
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "## Policy programming (issue 3)"
 POOLS = [Pool("10.0.0.0/8", nat_outgoing=True), Pool("fd00::/48")]
 NETWORKS = 60
@@ -579,14 +578,6 @@ def details(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    content = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(content):
-        content = pattern.sub(lambda _: text, content)
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    BENCHMARKS.write_text(content.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -618,8 +609,9 @@ def main() -> None:
     print(details(results))
     if not args.no_write:
         notes = Path(args.notes).read_text() if args.notes else ""
-        write_section(f"{SECTION}\n\n{heading}:\n\n{table(results)}\n\n{details(results)}\n"
-                      f"\n{NOTES}" + (f"\n{notes.strip()}\n" if notes else ""))
+        text = (f"{SECTION}\n\n{heading}:\n\n{table(results)}\n\n{details(results)}\n"
+                f"\n{NOTES}" + (f"\n{notes.strip()}\n" if notes else ""))
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -487,9 +487,9 @@ def preflight() -> list[str]:
 
 # ------------------------------------------------------------------------ hosts
 
-class Host:
-    """One simulated host: a network namespace, a private mount namespace held by an
-    anchor process, a dockerd and a `calico-cnm serve` inside both."""
+class Machine:
+    """A machine of the cluster: its network namespace on a segment, its addresses
+    and its run directory (/run/cnmh-NAME)."""
 
     def __init__(self, cluster: Cluster, name: str, segment: Segment, octet: int) -> None:
         self.cluster = cluster
@@ -499,12 +499,26 @@ class Host:
         self.netns_path = str(NETNS_DIR / self.netns)
         self.address = f"{segment.net4}.{octet}"
         self.address6 = f"{segment.net6}::{octet}"
+        self.run_dir = Path(f"/run/{PREFIX}{name}")
+
+    def sh(self, *args: str, check: bool = True, timeout: float = 30,
+           input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """A command inside this machine's network namespace (the machine's filesystem)."""
+        return run("nsenter", f"--net={self.netns_path}", "--", *args, check=check,
+                   timeout=timeout, input=input, env=_environment())
+
+
+class Host(Machine):
+    """One simulated host: a network namespace, a private mount namespace held by an
+    anchor process, a dockerd and a `calico-cnm serve` inside both."""
+
+    def __init__(self, cluster: Cluster, name: str, segment: Segment, octet: int) -> None:
+        super().__init__(cluster, name, segment, octet)
         self.cidr = f"{self.address}/24"
         self.cidr6 = f"{self.address6}/64"
         self.gateway = segment.gateway
         self.gateway6 = segment.gateway6
         self.fabric_port = name            # this host's port on its bridge in the fabric
-        self.run_dir = Path(f"/run/{PREFIX}{name}")
         self.data_dir = DATA_ROOT / name
         self.docker_socket = self.run_dir / "docker.sock"
         self.docker_host = f"unix://{self.docker_socket}"
@@ -539,12 +553,6 @@ class Host:
         if self.anchor is None:
             raise ClusterError(f"{self.name} is not started")
         return f"/proc/{self.anchor.pid}/root{path}"
-
-    def sh(self, *args: str, check: bool = True, timeout: float = 30,
-           input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """A command inside this host's network namespace (the machine's filesystem)."""
-        return run("nsenter", f"--net={self.netns_path}", "--", *args, check=check,
-                   timeout=timeout, input=input, env=_environment())
 
     def ping(self, address: str, count: int = 1, timeout: int = 2,
              check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -802,19 +810,12 @@ class Host:
                 self.docker("network", "rm", network, check=False)
 
 
-class BareNode:
+class BareNode(Machine):
     """A node with no Docker: a network namespace on a segment that runs only
-    `calico-cnm agent` (a route reflector, say). Its run directory is /run/cnmh-NAME."""
+    `calico-cnm agent` (a route reflector, say)."""
 
     def __init__(self, cluster: Cluster, name: str, segment: Segment, octet: int) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.segment = segment
-        self.netns = PREFIX + name
-        self.netns_path = str(NETNS_DIR / self.netns)
-        self.address = f"{segment.net4}.{octet}"
-        self.address6 = f"{segment.net6}::{octet}"
-        self.run_dir = Path(f"/run/{PREFIX}{name}")
+        super().__init__(cluster, name, segment, octet)
         self.log_path = LOG_DIR / f"{name}-agent.log"
         self.agent: subprocess.Popen[bytes] | None = None
 
@@ -846,11 +847,6 @@ class BareNode:
             "CALICO_CNM_LOG_LEVEL": "info",
             **self.cluster.plugin_env,
         }
-
-    def sh(self, *args: str, check: bool = True, timeout: float = 30
-           ) -> subprocess.CompletedProcess[str]:
-        return run("nsenter", f"--net={self.netns_path}", "--", *args, check=check,
-                   timeout=timeout, env=_environment())
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60
             ) -> subprocess.CompletedProcess[str]:
