@@ -371,7 +371,10 @@ class NetworkService:
     ) -> EndpointRecord:
         for _ in range(CAS_RETRIES):
             record, revision = self._endpoint(network_id, endpoint_id)
+            before = record.to_dict()
             change(record)
+            if record.to_dict() == before:
+                return record  # nothing to write (e.g. no published ports): no event
             try:
                 self._store.update(
                     endpoint_key(self._hostname, endpoint_id), dumps(record.to_dict()), revision

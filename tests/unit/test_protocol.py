@@ -207,6 +207,21 @@ def test_port_mappings_are_recorded_on_the_endpoint(plugin: Plugin) -> None:
     assert plugin.store.get(f"{ROOT}endpoints/host1/{ENDPOINT_ID}").data["ports"] == []
 
 
+def test_no_ports_to_program_or_revoke_writes_nothing(plugin: Plugin) -> None:
+    # Every agent watches every write: a call that changes nothing must not write.
+    pools = _network(plugin)
+    address = plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
+    plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Interface": {"Address": address}})
+    key = f"{ROOT}endpoints/host1/{ENDPOINT_ID}"
+    revision = plugin.store.get(key).revision
+    plugin.call("NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID, "Options": {}})
+    plugin.call("NetworkDriver.RevokeExternalConnectivity",
+                {"NetworkID": NETWORK_ID, "EndpointID": ENDPOINT_ID})
+    assert plugin.store.get(key).revision == revision
+
+
 def test_exhausted_subnet_answers_error_and_keeps_serving(plugin: Plugin) -> None:
     pools = _network(plugin, "10.98.7.0/29")  # 6 usable, one taken by the gateway
     got = {plugin.call("IpamDriver.RequestAddress", {"PoolID": pools["v4"]})["Address"]
