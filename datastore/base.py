@@ -22,6 +22,9 @@ from datastore.errors import Unavailable
 
 # Every key the project writes lives under this prefix.
 ROOT = "/calico-cnm/v1/"
+# Outside ROOT, which every agent watches: records that every node rewrites often and
+# no agent reacts to (heartbeats), so that they are not fanned out to every host.
+STATUS_ROOT = "/calico-cnm/status/v1/"
 
 
 class DatastoreError(Exception):

@@ -4,7 +4,10 @@
 with the prefix of its subnet, so "same subnet" can be decided), its uplink, AS number
 and tunnel addresses. It changes rarely, so every agent may watch it. The heartbeat and
 the status report (routing mode, tunnels, routes per peer, errors, last resync) go to
-``nodestatus/<name>``, rewritten every resync, which no agent has to react to.
+``/calico-cnm/status/v1/nodes/<name>``, rewritten every resync, which no agent has to
+react to: it lives outside the prefix the agents watch, so a heartbeat is one write and
+no watch events (under the watched prefix it reached every agent, n² events per
+interval).
 
 Address autodetection is pure: :func:`detect_address` picks from the interface
 addresses that the netlink wrapper lists, as Calico does (first found, an interface
@@ -22,12 +25,21 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dataplane.netlink import InterfaceAddress
-from datastore.base import ROOT, AlreadyExists, Datastore, RevisionConflict, cas_attempts, dumps
+from datastore.base import (
+    ROOT,
+    STATUS_ROOT,
+    AlreadyExists,
+    Datastore,
+    RevisionConflict,
+    cas_attempts,
+    dumps,
+)
 from datastore.errors import InvalidRequest, NotFound
 from routing.planner import NodeInfo
 
 NODES = ROOT + "nodes/"
-NODE_STATUS = ROOT + "nodestatus/"
+NODE_STATUS = STATUS_ROOT + "nodes/"
+LEGACY_NODE_STATUS = ROOT + "nodestatus/"  # where heartbeats were, under the watch
 
 # Devices whose addresses are never a node's: ours, Docker's, bridges, veths, tunnels.
 EXCLUDED_INTERFACES = re.compile(
@@ -69,7 +81,7 @@ class NodeRecord:
 
 @dataclass
 class NodeStatus:
-    """What a node last said about itself (``nodestatus/<name>``)."""
+    """What a node last said about itself (its heartbeat, :data:`NODE_STATUS`)."""
 
     name: str
     heartbeat: float  # wall-clock seconds: compared across hosts
@@ -162,6 +174,7 @@ class NodeRegistry:
     def __init__(self, store: Datastore, max_attempts: int = 50) -> None:
         self._store = store
         self._max_attempts = max_attempts
+        self._legacy_cleared: set[str] = set()
 
     def get(self, name: str) -> NodeRecord:
         entry = self._store.get(node_key(name))
@@ -217,10 +230,14 @@ class NodeRegistry:
 
     def report(self, status: NodeStatus) -> None:
         self._store.put_json(status_key(status.name), status.to_dict())
+        if status.name not in self._legacy_cleared:
+            self._store.delete(LEGACY_NODE_STATUS + status.name)  # an older version's
+            self._legacy_cleared.add(status.name)
 
     def forget(self, name: str) -> None:
         self._store.delete(node_key(name))
         self._store.delete(status_key(name))
+        self._store.delete(LEGACY_NODE_STATUS + name)
 
 
 def now() -> float:

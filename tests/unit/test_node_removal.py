@@ -62,3 +62,22 @@ def test_remove_releases_endpoints_claims_blocks_and_the_record(tmp_path: Path):
 def test_unknown_node_is_not_found(tmp_path: Path):
     with pytest.raises(NotFound, match="ghost"):
         remove_node(SqliteDatastore(str(tmp_path / "s.db")), "ghost", 30, force=True)
+
+
+def test_heartbeats_are_outside_the_watched_prefix_and_replace_an_older_ones(
+        tmp_path: Path):
+    # Every agent watches ROOT: a heartbeat there reached every host every interval.
+    from datastore.base import ROOT
+    from routing.nodes import LEGACY_NODE_STATUS
+
+    store = SqliteDatastore(str(tmp_path / "state.db"))
+    store.put_json(LEGACY_NODE_STATUS + "h1", {"name": "h1", "heartbeat": 1, "started": 1})
+    revision = store.current_revision()
+    registry = NodeRegistry(store)
+    registry.report(NodeStatus("h1", heartbeat=now(), started=now()))
+    events = store.watch(ROOT, revision, 0.1)
+    assert [e.kind for e in events] == ["delete"]  # only the older version's key, once
+    revision = store.current_revision()
+    registry.report(NodeStatus("h1", heartbeat=now(), started=now()))
+    assert store.watch(ROOT, revision, 0.1) == []
+    assert registry.statuses()["h1"].alive(now(), 30)
