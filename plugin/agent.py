@@ -43,6 +43,7 @@ from routing.tunnels import ensure_tunnel_addresses
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 1.0
+MAX_REASONS = 5  # unreachable blocks reported per peer in the heartbeat
 
 
 class Agent:
@@ -141,11 +142,14 @@ class Agent:
         sessions = []
         if state.running:
             try:
-                sessions = [s.to_dict() for s in BirdControl(self._bird.socket_path)
-                            .sessions()]
+                sessions = BirdControl(self._bird.socket_path).sessions()
             except Exception as exc:  # a status report must not fail the resync
                 log.warning("bgp: reading BIRD's sessions failed: %s", exc)
-        return {**state.to_dict(), "sessions": sessions}
+        # Only the sessions that are not up: the heartbeat's size follows the problems,
+        # not the cluster (it is rewritten every resync, into etcd's history).
+        up = [s for s in sessions if s.info.startswith("Established")]
+        return {**state.to_dict(), "established": len(up),
+                "sessions": [s.to_dict() for s in sessions if s not in up]}
 
     def report_status(self) -> None:
         """The heartbeat, with what this node knows of its routing."""
@@ -153,9 +157,12 @@ class Agent:
         report = self._routes.last_report
         peers = []
         if plan is not None:
+            # Only peers with unreachable blocks (a few reasons each): see bgp_report.
             for peer in sorted(plan.peers.values(), key=lambda p: p.name):
-                peers.append({"name": peer.name, "modes": sorted(peer.modes),
-                              "routes": peer.routes, "unreachable": peer.unreachable})
+                if peer.unreachable:
+                    peers.append({"name": peer.name, "modes": sorted(peer.modes),
+                                  "routes": peer.routes,
+                                  "unreachable": peer.unreachable[:MAX_REASONS]})
         self._registry.report(NodeStatus(
             name=self._settings.hostname, heartbeat=now(), started=self._started,
             last_resync=self._last_resync, errors=self._node_errors,

@@ -78,6 +78,7 @@ def bgp_view(settings: Settings, name: str, status: NodeStatus | None) -> dict[s
         "config_error": reported.get("config_error"),
         "restarts": reported.get("restarts", 0),
         "sessions": reported.get("sessions", []), "source": "heartbeat",
+        "established": reported.get("established", 0),
     }
     if name != settings.hostname:
         return view
@@ -88,7 +89,8 @@ def bgp_view(settings: Settings, name: str, status: NodeStatus | None) -> dict[s
         view.update(bird_running=False, sessions=[], source="socket", socket_error=str(exc))
         return view
     view.update(bird_running=True, sessions=[s.to_dict() for s in sessions],
-                source="socket")
+                source="socket",
+                established=len([s for s in sessions if s.info.startswith("Established")]))
     return view
 
 
@@ -141,6 +143,9 @@ def cmd_node_status(settings: Settings, store: Datastore, args: argparse.Namespa
                                            if view.get("socket_error") else ""))
         if view["config_error"]:
             print(f"BIRD configuration error: {view['config_error']}")
+        if view["source"] == "heartbeat":
+            print(f"from its heartbeat: {view['established']} session(s) established; "
+                  "those that are not:")
         print()
         print("\n".join(_bgp_tables(view["sessions"])))
     print(f"node {record.name}: IPv4 {record.ipv4 or '-'}, IPv6 {record.ipv6 or '-'}, "
@@ -186,7 +191,8 @@ def add_node_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     show.add_argument("-o", "--output", choices=["table", "json"], default="table")
     show.set_defaults(handler=cmd_node_show)
     status = actions.add_parser("status", parents=[common],
-                                help="this node's routing: tunnels, peers, last resync, errors")
+                                help="this node's routing: agent, BIRD and BGP sessions, tunnels, "
+                                "peers with unreachable blocks, errors")
     status.add_argument("name", nargs="?", help="another node (default: this one)")
     status.add_argument("-o", "--output", choices=["table", "json"], default="table")
     status.set_defaults(handler=cmd_node_status)
