@@ -22,6 +22,7 @@ from plugin.node_cli import add_node_commands
 from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv
 from plugin.settings import Settings
+from plugin.systemd import DEFAULT_UNIT_DIR, ENV_FILE, install_service
 
 
 def _print_json(data: Any) -> None:
@@ -223,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_commands(commands, common)
     add_bgp_commands(commands, common)
 
+    install = commands.add_parser(
+        "install", help="install the systemd service of the plugin (starts before Docker)")
+    install.add_argument("--systemd", action="store_true", required=True,
+                         help="write calico-cnm.service (the only kind of install so far)")
+    install.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR,
+                         help=f"where the unit goes (default {DEFAULT_UNIT_DIR})")
+
     uninstall = commands.add_parser(
         "uninstall", parents=[common],
         help="remove this host's policy chains, sets and hooks (stop `serve` first)")
@@ -243,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings_from(args)
         logging.basicConfig(level=settings.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if args.command == "install":
+            path = install_service(args.unit_dir)
+            print(f"wrote {path}; settings go in {ENV_FILE}; then: systemctl "
+                  "daemon-reload && systemctl enable --now calico-cnm")
+            return 0
         if args.command == "serve":
             from plugin.server import serve
 
