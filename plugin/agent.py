@@ -29,6 +29,7 @@ from driver.service import NetworkService
 from plugin.compose import build_ipam, build_network_service
 from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
+from plugin.metrics import MeteredDatastore, metrics_for
 from plugin.network_sync import NetworkSync
 from plugin.policy import HostPolicy, policy_settings
 from plugin.settings import Settings
@@ -59,6 +60,9 @@ class Agent:
         docker_networks: DockerNetworks | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics_for(settings)
+        if self._metrics.enabled:
+            store = MeteredDatastore(store, self._metrics)
         self._store = store
         self._writer = writer or PolicyWriter()
         self._netlink_factory = netlink_factory
@@ -183,7 +187,8 @@ class Agent:
         if full or not self._policy.loaded:
             self._policy.load(self._store)
         policy = self._policy.policy()
-        report = self._writer.resync(policy) if full else self._writer.apply(policy)
+        with self._metrics.policy_programming("resync" if full else "update"):
+            report = self._writer.resync(policy) if full else self._writer.apply(policy)
         warnings = set(policy.warnings)
         for warning in policy.warnings:
             if warning not in self._warnings:
@@ -196,6 +201,7 @@ class Agent:
         # Each step runs even if another fails (e.g. policy is programmed even when a
         # route cannot be restored); the first failure is raised afterwards.
         failure: Exception | None = None
+        started = time.monotonic()
         steps: list[Callable[[], object]] = [
             self.register_node,
             lambda: self._collector.collect(time.monotonic()),
@@ -216,6 +222,7 @@ class Agent:
                 log.exception("agent resync step failed")
                 errors.append(str(exc))
                 failure = failure or exc
+        self._metrics.resync(time.monotonic() - started)
         self._last_resync = now()
         self._node_errors = errors + self._node_errors if errors else self._node_errors
         try:

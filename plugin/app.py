@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from datastore.errors import CalicoCnmError, InvalidRequest
 from driver.http import network_blueprint
 from ipam_driver.http import ipam_blueprint
 from plugin.compose import build_ipam, build_network_service, open_datastore
+from plugin.metrics import MeteredDatastore, metrics_for
 from plugin.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,10 @@ def create_app(
     name_lookup: Callable[[str], str | None] | None = None,
 ) -> Flask:
     app = Flask("calico_cnm")
+    metrics = metrics_for(settings)
     store = store or open_datastore(settings)
+    if metrics.enabled:
+        store = MeteredDatastore(store, metrics)
     ipam = build_ipam(settings, store)
     app.extensions["calico_cnm.settings"] = settings
     app.extensions["calico_cnm.store"] = store
@@ -45,6 +50,17 @@ def create_app(
     )
     app.register_blueprint(network_blueprint)
     app.register_blueprint(ipam_blueprint)
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def count_request(response: Any) -> Any:
+        if metrics.enabled and "started" in g:
+            metrics.request(request.path.lstrip("/"), time.monotonic() - g.started,
+                            response.status_code < 400)
+        return response
 
     @app.before_request
     def parse_body() -> None:

@@ -264,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = open_datastore(settings)
         if args.command == "agent":
             from plugin.agent import Agent
+            from plugin.metrics import start_server
 
+            if settings.metrics_address:
+                start_server(settings)
             Agent(settings, store).run()
             return 0
         handler: Callable[[Settings, Datastore, argparse.Namespace], int] = args.handler

@@ -17,6 +17,7 @@ from datastore.errors import Conflict
 from plugin.agent import Agent
 from plugin.app import create_app
 from plugin.compose import build_ipam, open_datastore
+from plugin.metrics import prepare_multiprocess, remove_multiprocess, start_server
 from plugin.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class PluginServer(BaseApplication):
 
     def _start_agent(self, arbiter: Any) -> None:
         log.info("plugin serving on %s", ", ".join(self._settings.socket_paths))
+        if self._settings.metrics_address:
+            start_server(self._settings)  # in this master: it outlives the workers
         if not self._settings.run_agent:
             return
         # A plain fork (not multiprocessing, whose exit hooks the workers would
@@ -125,8 +128,10 @@ class PluginServer(BaseApplication):
         for path in self._settings.socket_paths:
             if os.path.exists(path):
                 os.unlink(path)
+        remove_multiprocess(self._settings)
 
 
 def serve(settings: Settings) -> None:
     prepare(settings)
+    prepare_multiprocess(settings)  # before any process imports prometheus_client
     PluginServer(settings).run()

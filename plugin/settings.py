@@ -54,6 +54,7 @@ class Settings:
     node_timeout: float = 30.0
     routing: str = "static"
     run_dir: str = DEFAULT_RUN_DIR
+    metrics_address: str | None = None  # HOST:PORT; None: no metrics
 
     @property
     def uses_etcd(self) -> bool:
@@ -120,6 +121,11 @@ class Settings:
                 f"routing {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
         if not os.path.isabs(self.run_dir):
             raise InvalidRequest(f"run directory {self.run_dir!r} is not an absolute path")
+        if self.metrics_address is not None:
+            host, _, port = self.metrics_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise InvalidRequest(f"metrics address {self.metrics_address!r} is not "
+                                     "HOST:PORT, like 127.0.0.1:9091")
         if self.node_timeout <= 0:
             raise InvalidRequest("node timeout must be positive")
         if self.workload_to_host not in WORKLOAD_TO_HOST_ACTIONS:
@@ -185,6 +191,7 @@ ENVIRONMENT = {
     "node_timeout": "CALICO_CNM_NODE_TIMEOUT",
     "routing": "CALICO_CNM_ROUTING",
     "run_dir": "CALICO_CNM_RUN_DIR",
+    "metrics_address": "CALICO_CNM_METRICS_ADDRESS",
 }
 
 HELP = {
@@ -228,6 +235,8 @@ HELP = {
     "routing": "how routes to other hosts are made: static (the agent programs them) or "
     "bgp (BIRD 2, run by the agent, exchanges them; default static)",
     "run_dir": f"BIRD's configuration and control socket (default {DEFAULT_RUN_DIR})",
+    "metrics_address": "serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9091 "
+    "(default: off)",
 }
 
 

@@ -69,6 +69,12 @@ def post_unix(socket_path: str, path: str, body: bytes) -> tuple[int, dict]:
         connection.close()
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -174,6 +180,8 @@ def plugin() -> Iterator[Plugin]:
         "CALICO_CNM_RESYNC_INTERVAL": "2",
         "CALICO_CNM_STALE_GRACE": "2",
         "CALICO_CNM_LOG_LEVEL": "info",
+        "CALICO_CNM_RUN_DIR": str(STATE_DIR / "run"),
+        "CALICO_CNM_METRICS_ADDRESS": f"127.0.0.1:{_free_port()}",
     }
     server = Plugin(env, STATE_DIR / "plugin.log")
     server.start()

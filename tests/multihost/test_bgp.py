@@ -41,6 +41,8 @@ from tests.multihost.cluster import (
 )
 
 ROUTING_ENV = "CALICO_CNM_ROUTING"
+METRICS_ENV = "CALICO_CNM_METRICS_ADDRESS"
+METRICS_ADDRESS = "127.0.0.1:9091"
 TOR_AS = 65001
 TOR_DIR = Path(f"/run/{PREFIX}tor")
 
@@ -70,12 +72,14 @@ def _reset_bgp(cluster: Cluster) -> None:
 def bgp(cluster: Cluster) -> Iterator[Cluster]:
     """Every host's plugin restarted with --routing bgp; static routing after."""
     cluster.plugin_env[ROUTING_ENV] = "bgp"
+    cluster.plugin_env[METRICS_ENV] = METRICS_ADDRESS  # each host's own loopback
     _restart_plugins(cluster)
     try:
         yield cluster
     finally:
         _reset_bgp(cluster)
         cluster.plugin_env.pop(ROUTING_ENV, None)
+        cluster.plugin_env.pop(METRICS_ENV, None)
         _restart_plugins(cluster)
         # Static routing retires BIRD and its routes.
         for host in cluster.hosts:
@@ -170,6 +174,10 @@ def test_mesh_of_three_every_host_learns_the_others_blocks_by_bgp(
         assert wait_for(lambda h=host: len(_established(h)) == 2, timeout=20), _status(host)
         sessions = _established(host)
         assert {s["peer_type"] for s in sessions} == {"node-to-node mesh"}
+    # Prometheus sees the sessions by state (scraped inside h1's namespace).
+    metrics = h1.sh("busybox", "wget", "-q", "-O", "-", f"http://{METRICS_ADDRESS}/metrics"
+                    ).stdout
+    assert 'calico_cnm_bgp_sessions{state="Established"} 4.0' in metrics, metrics[-2000:]
     # The table, as an operator reads it.
     text = h1.cli("node", "status").stdout
     assert "BIRD is running" in text and "IPv4 BGP status" in text
