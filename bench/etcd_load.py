@@ -86,7 +86,6 @@ from tests.multihost.cluster import (  # noqa: E402
     Cluster,
     Host,
     Stack,
-    netns_names,
     wait_for,
 )
 
@@ -1059,20 +1058,6 @@ def check(results: Results) -> None:
             results.problems.append("no resync in the solo window")
 
 
-def our_processes() -> list[str]:
-    """The cluster's daemons still alive (by their data and run directories)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        text = cmdline.decode(errors="replace")
-        if "/var/lib/cnmh" in text or "/run/cnmh-" in text:
-            found.append(f"{entry}: {text[:100]}")
-    return found
 
 
 def main() -> int:
@@ -1117,11 +1102,7 @@ def main() -> int:
     finally:
         stop_problems = cluster.stop()
 
-    leftovers = list(stop_problems)
-    if netns_names():
-        leftovers.append(f"namespaces {netns_names()}")
-    if our_processes():
-        leftovers.append(f"processes {our_processes()}")
+    leftovers = list(stop_problems)  # Cluster.stop checks namespaces and processes
     check(results)
     text = render(results, args)
     print()

@@ -64,7 +64,6 @@ from tests.multihost.cluster import (  # noqa: E402
     Container,
     Host,
     Stack,
-    netns_names,
     wait_for,
 )
 
@@ -601,20 +600,6 @@ def render(paths: list[Path_], notes: dict[str, str], samples: list[Sample],
 
 
 
-def our_processes() -> list[str]:
-    """The cluster's daemons still alive (by their data and run directories)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        text = cmdline.decode(errors="replace")
-        if "/var/lib/cnmh" in text or "/run/cnmh-" in text:
-            found.append(f"{entry}: {text[:100]}")
-    return found
 
 
 def main() -> int:
@@ -670,11 +655,7 @@ def main() -> int:
     vxlan = {p.key: p for p in paths}["vxlan"]
     if vxlan.samples and not all(n > 1000 for n in vxlan.vxlan_tx):
         problems.append(f"the VXLAN path did not go through vxlan.calico ({vxlan.vxlan_tx})")
-    leftovers = list(stop_problems)
-    if netns_names():
-        leftovers.append(f"namespaces {netns_names()}")
-    if our_processes():
-        leftovers.append(f"processes {our_processes()}")
+    leftovers = list(stop_problems)  # Cluster.stop checks namespaces and processes
 
     text = render(paths, notes, samples, problems, args, versions)
     print()

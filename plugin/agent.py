@@ -144,15 +144,18 @@ class Agent:
             return None
         state = self._bird.state()
         sessions = []
+        memory = None
         if state.running:
             try:
-                sessions = BirdControl(self._bird.socket_path).sessions()
+                control = BirdControl(self._bird.socket_path)
+                sessions = control.sessions()
+                memory = control.memory()
             except Exception as exc:  # a status report must not fail the resync
                 log.warning("bgp: reading BIRD's sessions failed: %s", exc)
         # Only the sessions that are not up: the heartbeat's size follows the problems,
         # not the cluster (it is rewritten every resync, into etcd's history).
         up = [s for s in sessions if s.info.startswith("Established")]
-        return {**state.to_dict(), "established": len(up),
+        return {**state.to_dict(), "established": len(up), "memory": memory,
                 "sessions": [s.to_dict() for s in sessions if s not in up]}
 
     def report_status(self) -> None:

@@ -79,6 +79,7 @@ def bgp_view(settings: Settings, name: str, status: NodeStatus | None) -> dict[s
         "restarts": reported.get("restarts", 0),
         "sessions": reported.get("sessions", []), "source": "heartbeat",
         "established": reported.get("established", 0),
+        "memory": reported.get("memory"),
     }
     if name != settings.hostname:
         return view
@@ -88,6 +89,10 @@ def bgp_view(settings: Settings, name: str, status: NodeStatus | None) -> dict[s
     except CalicoCnmError as exc:
         view.update(bird_running=False, sessions=[], source="socket", socket_error=str(exc))
         return view
+    try:
+        view["memory"] = control.memory()
+    except CalicoCnmError:
+        pass
     view.update(bird_running=True, sessions=[s.to_dict() for s in sessions],
                 source="socket",
                 established=len([s for s in sessions if s.info.startswith("Established")]))
@@ -136,7 +141,9 @@ def cmd_node_status(settings: Settings, store: Datastore, args: argparse.Namespa
     view = report["bgp"]
     if view is not None:
         if view["bird_running"]:
-            print("BIRD is running" + (f" (pid {view['pid']})" if view["pid"] else "")
+            details = [f"pid {view['pid']}"] if view["pid"] else []
+            details += [f"memory {view['memory']}"] if view.get("memory") else []
+            print("BIRD is running" + (f" ({', '.join(details)})" if details else "")
                   + (f", restarted {view['restarts']} time(s)" if view["restarts"] else ""))
         else:
             print("BIRD is not running" + (f": {view['socket_error']}"

@@ -151,6 +151,10 @@ class BirdControl:
     def sessions(self) -> list[Session]:
         return parse_sessions(self.command("show protocols all"))
 
+    def memory(self) -> str | None:
+        """BIRD's own memory total ("512.3 kB")."""
+        return parse_memory_total(self.command("show memory"))
+
     @staticmethod
     def _read(stream: Any) -> list[str]:
         lines = []

@@ -75,6 +75,7 @@ def test_supervised_bird_reloads_refuses_restarts_adopts_and_restarts_gracefully
     assert run_in_netns(ns_b, lambda: b.apply(_config(B, blocks)))
     assert _wait(lambda: _established(a) and _established(b)), a.control.sessions()
     assert _wait(lambda: B_BLOCK in _bird_routes(ns_a) and A_BLOCK in _bird_routes(ns_b))
+    assert (a.control.memory() or "").endswith("B")  # "71.2 kB"
 
     # A new block: a reload (same process), and the peer learns it.
     pid = b.pid

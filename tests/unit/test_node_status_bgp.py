@@ -35,7 +35,7 @@ def db(tmp_path: Path) -> str:
     registry.report(NodeStatus(
         "h7", heartbeat=now(), started=now(), routing="bgp",
         bgp={"running": True, "pid": 4242, "restarts": 1, "sessions": SESSIONS,
-             "established": 5,
+             "established": 5, "memory": "71.2 kB",
              "config_error": "the generated BIRD configuration was rejected: line 9"}))
     store.close()
     return path
@@ -45,7 +45,7 @@ def test_text_tables_per_family_and_the_configuration_error(db, capsys):
     assert main(["node", "status", "h7", "--sqlite-path", db, "--hostname", "h1"]) == 0
     out = capsys.readouterr().out
     assert "calico-cnm agent on h7 is running (routing bgp)" in out
-    assert "BIRD is running (pid 4242), restarted 1 time(s)" in out
+    assert "BIRD is running (pid 4242, memory 71.2 kB), restarted 1 time(s)" in out
     assert "from its heartbeat: 5 session(s) established" in out
     assert "BIRD configuration error: the generated BIRD configuration was rejected" in out
     v4, v6 = out.split("IPv4 BGP status")[1].split("IPv6 BGP status")
