@@ -923,6 +923,8 @@ class Cluster:
         self.timings: dict[str, float] = {}
         self._lock_file: TextIO | None = None
         self._root_links_before: set[str] = set()
+        # Mount points the anchors create on the machine's /run (e.g. /run/calico-cnm).
+        self._mount_points_made: list[Path] = []
 
     def host(self, name: str) -> Host:
         for host in self.hosts:
@@ -1004,6 +1006,7 @@ class Cluster:
             host.data_dir.mkdir(parents=True)
             host.run_dir.mkdir(parents=True)
         self._root_links_before = set(root_links())
+        self._mount_points_made = [Path(p) for p in PRIVATE_MOUNTS if not Path(p).exists()]
         mark = self._phase("cleanup", mark)
 
         self._make_fabric()
@@ -1192,6 +1195,11 @@ class Cluster:
                 host.anchor.kill()
                 host.anchor.wait(timeout=10)
                 host.anchor = None
+        for path in self._mount_points_made:
+            try:
+                path.rmdir()  # only if empty: nothing of the machine's is removed
+            except OSError:
+                pass
         mark = time.monotonic()
         problems += remove_leftovers()
         problems += self.leftovers()
