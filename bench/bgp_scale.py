@@ -967,8 +967,6 @@ def render(results: list[Result], args: argparse.Namespace, versions: dict[str, 
     return "\n".join(lines) + "\n"
 
 
-
-
 # -------------------------------------------------------------------------- main
 
 def main() -> int:

@@ -9,7 +9,7 @@ harness runs every agent with a 2 s resync interval), makes one calico network a
    ``self._store.watch(ROOT, ...)``), so every key under it; their number and bytes
    per kind (first path element under ROOT; ``ipam/`` split one level deeper), from
    one range read of /calico-cnm/ through etcd's JSON gateway (keys outside ROOT, such
-   as heartbeats under STATUS_ROOT where this version has it, are listed as not
+   as heartbeats under STATUS_ROOT, are listed as not
    watched). Bytes are the key and value lengths and the exact protobuf size of each
    KeyValue as etcd sends it.
 2. Writes per operation: the etcd revision before and after each of ``--runs``
@@ -74,9 +74,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import datastore.base  # noqa: E402
-from bench.sections import write_section  # noqa: E402
-from datastore.base import ROOT  # noqa: E402
+from bench.sections import BENCHMARKS, write_section  # noqa: E402
+from datastore.base import ROOT, STATUS_ROOT  # noqa: E402
 from driver.records import ENDPOINTS, NETWORKS  # noqa: E402
 from ipam_driver.service import BLOCKS_PREFIX, POOLS_KEY  # noqa: E402
 from profiles.store import PROFILES  # noqa: E402
@@ -89,10 +88,6 @@ from tests.multihost.cluster import (  # noqa: E402
     wait_for,
 )
 
-BENCHMARKS = REPO / "BENCHMARKS.md"
-# Everything the project writes: the watched ROOT and, where this version has one, the
-# status root outside it (heartbeats).
-STATUS_ROOT: str | None = getattr(datastore.base, "STATUS_ROOT", None)
 PROJECT = "/calico-cnm/"
 SECTION = "## etcd load per host (issue 7)"
 HARNESS_RESYNC = 2.0     # tests/multihost/cluster.py: CALICO_CNM_RESYNC_INTERVAL
@@ -222,7 +217,7 @@ def name_in(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
-HEARTBEAT = kind_of(NODE_STATUS + "h")  # "nodestatus/" or "status/v1/nodes/"
+HEARTBEAT = kind_of(NODE_STATUS + "h")
 
 
 Metrics = dict[str, float]
@@ -857,7 +852,7 @@ def render(results: Results, args: argparse.Namespace) -> str:
         f"**Keys watched.** Every agent watches the whole prefix `{ROOT}` "
         "(`plugin/agent.py`, `watch(ROOT, ...)`), so a write of any key marked watched "
         "below is delivered to every agent"
-        + (f"; keys under `{STATUS_ROOT}` are outside that watch" if STATUS_ROOT else "")
+        + f"; keys under `{STATUS_ROOT}` are outside that watch"
         + ":",
         "",
         "| kind | watched | keys | key + value bytes | protobuf bytes | mean bytes per key "
@@ -1056,8 +1051,6 @@ def check(results: Results) -> None:
                     f"has {derived}: RESYNC_READS is out of date")
         else:
             results.problems.append("no resync in the solo window")
-
-
 
 
 def main() -> int:

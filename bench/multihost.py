@@ -598,10 +598,6 @@ def render(paths: list[Path_], notes: dict[str, str], samples: list[Sample],
     return "\n".join(lines) + "\n"
 
 
-
-
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)

@@ -578,8 +578,6 @@ def details(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,5000")

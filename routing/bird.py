@@ -41,7 +41,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from routing.planner import MODE_NEVER, BlockInfo, PoolInfo
 
@@ -88,16 +87,6 @@ class BgpNode:
     ipv6: str | None = None
     as_number: int | None = None  # None: the settings' default AS
     rr_cluster_id: str | None = None  # set: a route reflector (when the mesh is off)
-
-    @classmethod
-    def from_node(cls, node: Any, as_number: int | None = None,
-                  rr_cluster_id: str | None = None) -> BgpNode:
-        """From anything with ``name``/``ipv4``/``ipv6`` (NodeInfo, NodeRecord); a
-        NodeRecord's ``as_number`` is used unless one is given."""
-        if as_number is None:
-            as_number = getattr(node, "as_number", None)
-        return cls(node.name, getattr(node, "ipv4", None),
-                   getattr(node, "ipv6", None), as_number, rr_cluster_id)
 
     def address(self, version: int) -> IPAddress | None:
         value = self.ipv4 if version == 4 else self.ipv6

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from routing.bgp_sync import bgp_nodes
 from routing.bird import BgpNode, BgpPeer, BgpSettings, identifier, render_bird_config
 from routing.nodes import NodeRecord
 from routing.planner import BlockInfo, PoolInfo
@@ -238,7 +239,7 @@ def test_router_id_given_or_required_without_ipv4(tmp_path):
 
 def test_as_numbers_from_nodes_and_settings(tmp_path):
     record = NodeRecord("h9", ipv4="10.123.1.19/24", as_number=64600)
-    h9 = BgpNode.from_node(record)
+    (h9,) = bgp_nodes([record], {}, BgpSettings(default_as=64700))  # the agent's mapping
     assert (h9.name, h9.ipv4, h9.as_number) == ("h9", "10.123.1.19/24", 64600)
     me = BgpNode("h1", "10.123.1.11/24")  # no AS: the settings' default
     text = render(me, nodes=[me, h9], settings=BgpSettings(default_as=64700))
