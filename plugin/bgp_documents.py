@@ -122,12 +122,11 @@ def apply_bgp_document(document: BgpDocument, bgp: BgpStore) -> str:
         after = bgp.configure(document.as_number, document.mesh)
         return "unchanged" if before == after else "updated"
     if isinstance(document, BgpPeerDocument):
-        before = [p for p in bgp.peers()
-                  if p.address == document.address and p.node == document.node]
-        peer, created = bgp.add_peer(document.address, document.as_number, document.node)
-        if created:
+        before = bgp.peer(document.address, document.node)
+        peer, _ = bgp.add_peer(document.address, document.as_number, document.node)
+        if before is None:
             return "created"
-        return "unchanged" if before == [peer] else "updated"
+        return "unchanged" if before == peer else "updated"
     before_node = bgp.node(document.name)
     after_node = bgp.set_node(document.name, document.as_number,
                               document.route_reflector_cluster_id,

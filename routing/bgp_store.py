@@ -177,6 +177,11 @@ class BgpStore:
         return sorted((peer_from(e.key, e.data) for e in self._store.list(PEERS)),
                       key=lambda p: (p.node or "", p.address))
 
+    def peer(self, address: str, node: str | None = None) -> BgpPeer | None:
+        key = peer_key(address, node)
+        entry = self._store.get(key)
+        return peer_from(key, entry.data) if entry is not None else None
+
     def add_peer(self, address: object, as_value: object, node: str | None = None
                  ) -> tuple[BgpPeer, bool]:
         """Adds or changes a peer; whether it was new."""
