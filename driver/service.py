@@ -319,12 +319,7 @@ class NetworkService:
         refusing would only leave a record behind.
         """
         network = self.get_network(network_id)
-        members = [network]
-        if network.name and not network.conflict:
-            members = [m for m in self.cluster_members(network.name)
-                       if not m.conflict] or [network]
-        ids = {m.id for m in members} | {network_id}
-        users = [e for e in self.list_endpoints() if e.network_id in ids]
+        members, users = self._members_and_users(network)
         if users:
             hosts = sorted({e.hostname for e in users})
             label = repr(network.name) if network.name else network_id
@@ -339,6 +334,43 @@ class NetworkService:
                 self._mark_removing(member.id)
         self._store.delete(network_key(network_id))
         return True
+
+    def _members_and_users(
+            self, network: NetworkRecord) -> tuple[list[NetworkRecord], list[EndpointRecord]]:
+        """The cluster network's members (every host's network of its name) and the
+        endpoints on any host that use one of them."""
+        members = [network]
+        if network.name and not network.conflict:
+            members = [m for m in self.cluster_members(network.name)
+                       if not m.conflict] or [network]
+        ids = {m.id for m in members} | {network.id}
+        return members, [e for e in self.list_endpoints() if e.network_id in ids]
+
+    def find_local_network(self, reference: str) -> NetworkRecord | None:
+        """This host's calico network that Docker would take `reference` for: its full
+        ID, else its name, else a unique ID prefix (Docker's own order)."""
+        local = [n for n in self.list_networks() if n.hostname in ("", self._hostname)]
+        for matches in ([n for n in local if n.id == reference],
+                        [n for n in local if n.name and n.name == reference]):
+            if matches:
+                return matches[0]
+        prefixed = [n for n in local if reference and n.id.startswith(reference)]
+        return prefixed[0] if len(prefixed) == 1 else None
+
+    def removal_refusal(self, reference: str) -> str:
+        """Why `docker network rm REFERENCE` on this host must be refused ("" if it
+        need not): a container on some host still uses the cluster network."""
+        network = self.find_local_network(reference)
+        if network is None:
+            return ""
+        _, users = self._members_and_users(network)
+        if not users:
+            return ""
+        hosts = sorted({e.hostname for e in users})
+        label = repr(network.name) if network.name else network.id[:12]
+        return (f"calico network {label} is in use by {len(users)} container "
+                f"endpoint(s) on host(s) {', '.join(hosts)}: stop or disconnect them "
+                f"first")
 
     def _mark_removing(self, network_id: str) -> None:
         for _ in range(CAS_RETRIES):

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from dataplane.netlink import Netlink
 from datastore.base import Datastore, DatastoreError, DatastoreUnavailable
 from datastore.errors import CalicoCnmError, InvalidRequest
+from driver.authz import authz_blueprint
 from driver.http import network_blueprint
 from ipam_driver.http import ipam_blueprint
 from plugin.compose import build_ipam, build_network_service, open_datastore
@@ -50,6 +51,7 @@ def create_app(
     )
     app.register_blueprint(network_blueprint)
     app.register_blueprint(ipam_blueprint)
+    app.register_blueprint(authz_blueprint)
 
     @app.before_request
     def start_clock() -> None:
@@ -81,7 +83,8 @@ def create_app(
 
     @app.post("/Plugin.Activate")
     def activate() -> ResponseReturnValue:
-        return jsonify({"Implements": ["NetworkDriver", "IpamDriver"]})
+        # "authz" is used only if dockerd runs with --authorization-plugin (driver.authz).
+        return jsonify({"Implements": ["NetworkDriver", "IpamDriver", "authz"]})
 
     @app.errorhandler(CalicoCnmError)
     def project_error(exc: CalicoCnmError) -> ResponseReturnValue:

@@ -34,7 +34,7 @@ def test_sigint_stops_cleanly_and_restart_resumes(tmp_path: Path) -> None:
     for socket_path in server.sockets:
         status, body = post_unix(socket_path, "/Plugin.Activate", b"")
         assert status == 200
-        assert body == {"Implements": ["NetworkDriver", "IpamDriver"]}
+        assert body == {"Implements": ["NetworkDriver", "IpamDriver", "authz"]}
     status, reply = post_unix(server.sockets[1], "/IpamDriver.RequestPool",
                               b'{"AddressSpace": "CalicoLocal", "Pool": "", "V6": false}')
     assert status == 200, reply

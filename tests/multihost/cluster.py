@@ -530,6 +530,8 @@ class Host(Machine):
         self.anchor_log_path = LOG_DIR / f"{name}-anchor.log"
         # Extra plugin environment for this host (applies at the next plugin_start()).
         self.plugin_env: dict[str, str] = {}
+        # Extra dockerd flags for this host (apply at the next dockerd_start()).
+        self.dockerd_flags: list[str] = []
         self.anchor: subprocess.Popen[bytes] | None = None
         self.dockerd: subprocess.Popen[bytes] | None = None
         self.plugin: subprocess.Popen[bytes] | None = None
@@ -613,6 +615,7 @@ class Host(Machine):
             "-H", self.docker_host,
             "--bridge=none",
             "--cgroup-parent", self.cgroup_parent,
+            *self.dockerd_flags,
         ]
 
     def dockerd_start(self, timeout: float = 30) -> None:

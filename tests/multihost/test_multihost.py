@@ -173,6 +173,36 @@ def test_network_sync_create_rm_while_used_and_rm_everywhere(
                     timeout=10)
 
 
+def test_with_the_authorization_plugin_rm_is_refused_while_another_host_uses_it(
+        cluster: Cluster, stack: Stack) -> None:
+    h1, h2, h3 = cluster.hosts
+    network = stack.network(h1)
+    for host in (h2, h3):
+        stack.wait_network(host, network)
+    user = stack.container(h2, network)
+    # dockerd reads --authorization-plugin at start; the plugin must already answer.
+    h1.dockerd_stop()
+    h1.dockerd_flags = ["--authorization-plugin=calico"]
+    try:
+        h1.dockerd_start()
+        refused = h1.docker("network", "rm", network, check=False)
+        assert refused.returncode != 0
+        assert "authorization denied by plugin calico" in refused.stderr, refused.stderr
+        assert f"calico network '{network}' is in use by 1 container endpoint(s) " \
+               "on host(s) h2" in refused.stderr, refused.stderr
+        assert all(host.has_network(network) for host in cluster.hosts)
+        assert h1.docker("network", "ls").returncode == 0  # other requests pass
+        h2.docker("rm", "-f", user.name)
+        stack.containers.remove(user)
+        h1.docker("network", "rm", network)
+        for host in cluster.hosts:
+            assert wait_for(lambda h=host: not h.has_network(network), timeout=15), host.name
+    finally:
+        h1.dockerd_stop()
+        h1.dockerd_flags = []
+        h1.dockerd_start()
+
+
 def test_concurrent_runs_on_every_host_never_share_an_address(
         cluster: Cluster, stack: Stack) -> None:
     network = stack.network(cluster.host("h1"))

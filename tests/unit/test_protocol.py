@@ -85,7 +85,8 @@ def _network(plugin: Plugin, subnet: str = "10.98.0.0/24", v6: str | None = None
 
 
 def test_activate_and_capabilities_answer_empty_bodies(plugin: Plugin) -> None:
-    assert plugin.call("Plugin.Activate") == {"Implements": ["NetworkDriver", "IpamDriver"]}
+    assert plugin.call("Plugin.Activate") == {
+        "Implements": ["NetworkDriver", "IpamDriver", "authz"]}
     assert plugin.call("NetworkDriver.GetCapabilities")["Scope"] == "local"
     assert plugin.call("IpamDriver.GetCapabilities") == {
         "RequiresMACAddress": False, "RequiresRequestReplay": False}
