@@ -1,5 +1,5 @@
 # The two commands: `make run` and `make test` (see README.md).
-.PHONY: run test deps lint unit functional e2e bench clean
+.PHONY: run test deps lint unit functional e2e bench plugin clean
 
 deps:
 	sh scripts/install-deps.sh
@@ -13,6 +13,11 @@ test: deps
 	sh scripts/build-test-image.sh
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -p no:cacheprovider -q tests
+
+# The managed plugin calico/cnm:latest (PLUGIN=owner/name:tag for another name).
+plugin: deps
+	sh scripts/start-dockerd.sh
+	sh scripts/build-plugin.sh
 
 unit: deps
 	.venv/bin/python -m pytest -q tests/unit

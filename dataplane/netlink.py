@@ -238,14 +238,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _write_proc_sys(items: Iterable[tuple[str, str]]) -> None:
+def _write_proc_sys(proc_sys: str, items: Iterable[tuple[str, str]]) -> None:
     for key, value in items:
-        with open(f"/proc/sys/{key}", "w") as handle:
+        with open(f"{proc_sys}/{key}", "w") as handle:
             handle.write(value)
 
 
-def _read_proc_sys(key: str) -> str:
-    with open(f"/proc/sys/{key}") as handle:
+def _read_proc_sys(proc_sys: str, key: str) -> str:
+    with open(f"{proc_sys}/{key}") as handle:
         return handle.read().strip()
 
 
@@ -253,13 +253,15 @@ class Netlink:
     """Netlink and sysctl operations in one network namespace.
 
     ``netns`` names a namespace under /run/netns (as ``ip netns`` creates them);
-    ``None`` means the namespace this process runs in. Use it as a context manager or
-    call :meth:`close`. Calls are serialised by a lock, so one instance may be shared
-    by threads.
+    ``None`` means the namespace this process runs in. ``proc_dir`` is where the host's
+    procfs is mounted (a managed plugin's own /proc/sys is read-only). Use it as a
+    context manager or call :meth:`close`. Calls are serialised by a lock, so one
+    instance may be shared by threads.
     """
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, proc_dir: str = "/proc") -> None:
         self._netns = netns
+        self._proc_sys = os.path.join(proc_dir, "sys")
         self._nsfd: int | None = None
         self._lock = threading.RLock()
         self._ipr: Any = None
@@ -455,11 +457,11 @@ class Netlink:
         ]
 
         def write() -> None:
-            _write_proc_sys(v4)
+            _write_proc_sys(self._proc_sys, v4)
             # The IPv6 conf directory appears with the link, but only if IPv6 is
             # enabled in the kernel and the link's MTU is at least 1280.
-            if os.path.isdir(f"/proc/sys/net/ipv6/conf/{ifname}"):
-                _write_proc_sys(v6_first + v6)
+            if os.path.isdir(f"{self._proc_sys}/net/ipv6/conf/{ifname}"):
+                _write_proc_sys(self._proc_sys, v6_first + v6)
             elif want_v6:
                 raise Unavailable(
                     f"IPv6 is not available on {ifname} (IPv6 disabled in the kernel, "
@@ -1118,9 +1120,9 @@ class Netlink:
         """
 
         def write() -> None:
-            _write_proc_sys([("net/ipv4/ip_forward", "1")])
-            if os.path.isdir("/proc/sys/net/ipv6/conf/all"):
-                _write_proc_sys([("net/ipv6/conf/all/forwarding", "1")])
+            _write_proc_sys(self._proc_sys, [("net/ipv4/ip_forward", "1")])
+            if os.path.isdir(f"{self._proc_sys}/net/ipv6/conf/all"):
+                _write_proc_sys(self._proc_sys, [("net/ipv6/conf/all/forwarding", "1")])
 
         with self._lock:
             try:
@@ -1137,7 +1139,8 @@ class Netlink:
         """
         with self._lock:
             try:
-                return int(self._in_netns(lambda: _read_proc_sys("net/ipv4/conf/all/rp_filter")))
+                return int(self._in_netns(lambda: _read_proc_sys(
+                    self._proc_sys, "net/ipv4/conf/all/rp_filter")))
             except OSError as exc:
                 raise _map_error(exc, f"reading rp_filter in {self._where()}") from exc
 

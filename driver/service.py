@@ -372,6 +372,17 @@ class NetworkService:
                 f"endpoint(s) on host(s) {', '.join(hosts)}: stop or disconnect them "
                 f"first")
 
+    def disable_refusal(self, plugin: str) -> str:
+        """Why disabling this managed plugin must be refused ("" if it need not): this
+        host still has calico networks."""
+        local = sorted(n.name or n.id[:12] for n in self.list_networks()
+                       if n.hostname in ("", self._hostname) and not n.removing)
+        if not local:
+            return ""
+        shown = ", ".join(local[:5]) + (", ..." if len(local) > 5 else "")
+        return (f"plugin {plugin} is in use by {len(local)} calico network(s) on this "
+                f"host ({shown}): remove them first, or disable with -f")
+
     def _mark_removing(self, network_id: str) -> None:
         for _ in range(CAS_RETRIES):
             entry = self._store.get(network_key(network_id))

@@ -23,10 +23,11 @@ from collections.abc import Callable
 
 from dataplane.netlink import RTPROT_BIRD, Netlink
 from datastore.base import ROOT, Datastore, DatastoreError, Event, RevisionConflict
+from datastore.errors import Unavailable
 from driver.reconcile import reconcile_routes
 from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
-from plugin.compose import build_ipam, build_network_service
+from plugin.compose import build_ipam, build_network_service, host_netlink
 from plugin.docker_names import DockerNames, DockerNetworks
 from plugin.garbage import NetworkState, StaleCollector
 from plugin.metrics import MeteredDatastore, metrics_for
@@ -53,7 +54,7 @@ class Agent:
         settings: Settings,
         store: Datastore,
         writer: PolicyWriter | None = None,
-        netlink_factory: Callable[[], Netlink] = Netlink,
+        netlink_factory: Callable[[], Netlink] | None = None,
         name_lookup: Callable[[str], str | None] | None = None,
         network_state: NetworkState | None = None,
         stale_grace: float | None = None,
@@ -65,6 +66,7 @@ class Agent:
             store = MeteredDatastore(store, self._metrics)
         self._store = store
         self._writer = writer or PolicyWriter()
+        netlink_factory = netlink_factory or host_netlink(settings)
         self._netlink_factory = netlink_factory
         self._ipam = build_ipam(settings, store)
         self._networks: NetworkService = build_network_service(
@@ -289,11 +291,15 @@ class Agent:
         # (etcd starting with the host) is retried there, never fatal.
         revision = 0
         next_resync = 0.0
+        default_pools_ready = False  # `serve` may have started before the datastore
         while not self._stop.is_set():
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.info("plugin process is gone; agent exits")
                 return
             try:
+                if not default_pools_ready:
+                    self._ipam.ensure_default_pools(list(self._settings.default_pools))
+                    default_pools_ready = True
                 if time.monotonic() >= next_resync:
                     revision = self._store.current_revision()
                     self.resync()
@@ -308,7 +314,7 @@ class Agent:
                     self.handle(events)
                 if self._bgp_routing:
                     self._bird.ensure_running()
-            except DatastoreError as exc:
+            except (DatastoreError, Unavailable) as exc:
                 log.error("agent: datastore error, retrying: %s", exc)
                 self._stop.wait(1.0)
             except Exception:

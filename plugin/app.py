@@ -44,6 +44,7 @@ def create_app(
         store = MeteredDatastore(store, metrics)
     ipam = build_ipam(settings, store)
     app.extensions["calico_cnm.settings"] = settings
+    app.extensions["calico_cnm.plugin_reference"] = settings.plugin_reference
     app.extensions["calico_cnm.store"] = store
     app.extensions["calico_cnm.ipam"] = ipam
     app.extensions["calico_cnm.network"] = build_network_service(

@@ -17,7 +17,7 @@ from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
 from plugin.bgp_cli import add_bgp_commands
-from plugin.compose import build_ipam, build_network_service, open_datastore
+from plugin.compose import build_ipam, build_network_service, host_netlink, open_datastore
 from plugin.node_cli import add_node_commands
 from plugin.output import table
 from plugin.profile_cli import add_profile_commands, profile_argv
@@ -121,7 +121,7 @@ def cmd_endpoint_remove(settings: Settings, store: Datastore, args: argparse.Nam
 
 
 def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
-    from dataplane.netlink import RTPROT_BIRD, Netlink
+    from dataplane.netlink import RTPROT_BIRD
     from profiles.iptables import PolicyWriter
     from routing.bird_process import BirdSupervisor
     from routing.planner import VXLAN_DEVICE
@@ -135,7 +135,7 @@ def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace
         return 1
     PolicyWriter().remove_all()
     BirdSupervisor(settings.run_dir).stop(graceful=False)
-    with Netlink() as netlink:
+    with host_netlink(settings)() as netlink:
         routes = netlink.list_routes() + netlink.list_routes(protocol=RTPROT_BIRD)
         for route in netlink.list_routes():
             netlink.remove_route(route)

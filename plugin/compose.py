@@ -3,6 +3,7 @@ without Flask, for the app, the agent and the CLI alike."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from dataplane.netlink import Netlink
@@ -12,6 +13,11 @@ from ipam_driver.service import IpamService
 from plugin.docker_names import DockerNames
 from plugin.settings import Settings
 from routing.mtu import veth_mtu
+
+
+def host_netlink(settings: Settings) -> Callable[[], Netlink]:
+    """Netlink in this process's namespace, with sysctls under the settings' /proc."""
+    return functools.partial(Netlink, proc_dir=settings.proc_dir)
 
 
 def open_datastore(settings: Settings) -> Datastore:
@@ -44,7 +50,7 @@ def build_network_service(
     name_lookup: Callable[[str], str | None] | None = None,
 ) -> NetworkService:
     return NetworkService(
-        store, ipam, settings.hostname, netlink_factory or Netlink,
+        store, ipam, settings.hostname, netlink_factory or host_netlink(settings),
         name_lookup or DockerNames(settings.docker_host).network_name,
         mtu_for=lambda subnets: veth_mtu(store, settings.hostname, subnets),
     )

@@ -66,8 +66,7 @@ class NetworkSync:
             log.info("creating cluster network %r here (from host %s)", spec.name,
                      record.hostname)
             try:
-                self._docker.create_network(spec, self._settings.network_driver_name,
-                                            self._settings.ipam_driver_name)
+                self._docker.create_network(spec, *self._settings.docker_drivers)
             except Exception as exc:
                 log.warning("creating network %r failed: %s", spec.name, exc)
 

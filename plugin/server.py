@@ -22,6 +22,9 @@ from plugin.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# How long start-up waits for the default pools before binding the sockets (seconds).
+DEFAULT_POOLS_WAIT = 2.0
+
 
 def _socket_answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -33,18 +36,41 @@ def _socket_answers(path: str) -> bool:
     return True
 
 
-def prepare(settings: Settings) -> None:
-    """First-start set-up: the default pools and the socket directory."""
-    for path in settings.socket_paths:
-        # gunicorn would silently replace the socket of a plugin that still runs.
-        if _socket_answers(path):
-            raise Conflict(f"another plugin is already serving on {path}")
+def _ensure_default_pools(settings: Settings) -> None:
     store = open_datastore(settings)
     try:
         build_ipam(settings, store).ensure_default_pools(list(settings.default_pools))
     finally:
         store.close()
+
+
+def prepare(settings: Settings) -> None:
+    """Start-up before the sockets are bound: nothing here may wait long, since dockerd
+    gives an enabling managed plugin about 12 s to answer on its socket."""
+    for path in settings.socket_paths:
+        # gunicorn would silently replace the socket of a plugin that still runs.
+        if _socket_answers(path):
+            raise Conflict(f"another plugin is already serving on {path}")
     os.makedirs(settings.plugin_dir, exist_ok=True)
+    # The default pools, in a child (this process must not hold an etcd channel when
+    # gunicorn forks), waited for briefly: with a slow datastore the agent makes them.
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _ensure_default_pools(settings)
+        except BaseException as exc:
+            log.warning("default pools not created at start (the agent retries): %s", exc)
+            code = 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + DEFAULT_POOLS_WAIT
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return
+        time.sleep(0.02)
+    log.warning("the datastore is slow to answer; serving now (the agent creates the "
+                "default pools)")
 
 
 def _run_agent(settings: Settings, parent_pid: int) -> None:

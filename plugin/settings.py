@@ -21,6 +21,8 @@ ROUTING_MODES = ("static", "bgp")
 WORKLOAD_TO_HOST_ACTIONS = ("drop", "accept", "return")
 AUTODETECTION_METHODS = ("first-found", "interface=REGEX", "can-reach=DESTINATION")
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+# A Docker plugin reference: [registry/]path[:tag], lower-case path components.
+_REFERENCE = re.compile(r"^[a-z0-9][a-z0-9._/-]*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,26 @@ class Settings:
     routing: str = "static"
     run_dir: str = DEFAULT_RUN_DIR
     metrics_address: str | None = None  # HOST:PORT; None: no metrics
+    proc_dir: str = "/proc"
+    plugin_reference: str | None = None  # a managed plugin's name, e.g. calico/cnm:latest
 
     @property
     def uses_etcd(self) -> bool:
         return bool(self.etcd_endpoints)
 
     @property
-    def socket_paths(self) -> tuple[str, str]:
-        return (
-            os.path.join(self.plugin_dir, f"{self.network_driver_name}.sock"),
-            os.path.join(self.plugin_dir, f"{self.ipam_driver_name}.sock"),
-        )
+    def socket_paths(self) -> tuple[str, ...]:
+        """One socket per driver name; one for both when the names are equal (a
+        managed plugin has a single socket)."""
+        names = dict.fromkeys((self.network_driver_name, self.ipam_driver_name))
+        return tuple(os.path.join(self.plugin_dir, f"{name}.sock") for name in names)
+
+    @property
+    def docker_drivers(self) -> tuple[str, str]:
+        """The network and IPAM driver names Docker knows this plugin by."""
+        if self.plugin_reference:
+            return self.plugin_reference, self.plugin_reference
+        return self.network_driver_name, self.ipam_driver_name
 
     def validate(self) -> Settings:
         if not _NAME.match(self.hostname):
@@ -119,8 +130,12 @@ class Settings:
         if self.routing not in ROUTING_MODES:
             raise InvalidRequest(
                 f"routing {self.routing!r} is not one of {', '.join(ROUTING_MODES)}")
-        if not os.path.isabs(self.run_dir):
-            raise InvalidRequest(f"run directory {self.run_dir!r} is not an absolute path")
+        for label, path in (("run directory", self.run_dir), ("proc directory", self.proc_dir)):
+            if not os.path.isabs(path):
+                raise InvalidRequest(f"{label} {path!r} is not an absolute path")
+        if self.plugin_reference is not None and not _REFERENCE.match(self.plugin_reference):
+            raise InvalidRequest(f"plugin reference {self.plugin_reference!r} is not a "
+                                 "plugin name like calico/cnm:latest")
         if self.metrics_address is not None:
             host, _, port = self.metrics_address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -192,6 +207,8 @@ ENVIRONMENT = {
     "routing": "CALICO_CNM_ROUTING",
     "run_dir": "CALICO_CNM_RUN_DIR",
     "metrics_address": "CALICO_CNM_METRICS_ADDRESS",
+    "proc_dir": "CALICO_CNM_PROC_DIR",
+    "plugin_reference": "CALICO_CNM_PLUGIN_REFERENCE",
 }
 
 HELP = {
@@ -237,6 +254,10 @@ HELP = {
     "run_dir": f"BIRD's configuration and control socket (default {DEFAULT_RUN_DIR})",
     "metrics_address": "serve Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9091 "
     "(default: off)",
+    "proc_dir": "where the host's /proc is, for sysctls (default /proc; the managed "
+    "plugin mounts it at /host/proc, since its own /proc/sys is read-only)",
+    "plugin_reference": "the name Docker knows a managed plugin by, used as the drivers "
+    "of the networks the sync creates (default: the socket names; `make plugin` sets it)",
 }
 
 

@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PACKAGES="docker.io iptables ipset iproute2 conntrack etcd-server busybox-static docker-compose gcc libc6-dev make iperf3 bird2 systemd"
+PACKAGES="docker.io iptables ipset iproute2 conntrack etcd-server busybox-static docker-compose gcc libc6-dev make iperf3 bird2 systemd mmdebstrap"
 missing=""
 for pkg in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

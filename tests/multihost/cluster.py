@@ -49,6 +49,8 @@ from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).with_name("calico-cnm"))
+# The managed plugin's name (scripts/build-plugin.sh's default).
+MANAGED_PLUGIN = "calico/cnm:latest"
 IMAGE = "calico-cnm-test:2"
 
 PREFIX = "cnmh-"
@@ -776,6 +778,66 @@ class Host(Machine):
 
     def plugin_log(self) -> str:
         return self.plugin_log_path.read_text(errors="replace")
+
+    # ---- the managed plugin (in place of `calico-cnm serve`)
+    @property
+    def managed_state_dir(self) -> Path:
+        """The managed plugin's state mount on this host (its /var/lib/calico-cnm)."""
+        return self.data_dir / "managed-state"
+
+    def managed_settings(self) -> list[str]:
+        """`docker plugin set` arguments: what settings_env() gives `serve`, as env
+        values and mount sources."""
+        state = self.managed_state_dir
+        return [
+            f"ETCD_ENDPOINTS={self.etcd_endpoint}",
+            f"CALICO_CNM_HOSTNAME={self.name}",
+            "CALICO_CNM_RESYNC_INTERVAL=2",
+            "CALICO_CNM_STALE_GRACE=2",
+            f"CALICO_CNM_DEFAULT_POOLS={self.cluster.default_pools}",
+            f"state.source={state}",
+            f"docker-socket.source={self.docker_socket}",
+            f"etcd-tls.source={state / 'tls'}",
+        ]
+
+    def managed_create(self, plugin_dir: Path, enable: bool = True,
+                       name: str = MANAGED_PLUGIN) -> None:
+        """`docker plugin create` from an assembled plugin directory, set, enable."""
+        (self.managed_state_dir / "tls").mkdir(parents=True, exist_ok=True)
+        self.docker("plugin", "create", name, str(plugin_dir), timeout=300)
+        self.docker("plugin", "set", name, *self.managed_settings())
+        if enable:
+            self.docker("plugin", "enable", name, timeout=60)
+
+    def managed_remove(self, name: str = MANAGED_PLUGIN) -> None:
+        self.docker("plugin", "disable", "-f", name, check=False, timeout=60)
+        self.docker("plugin", "rm", "-f", name, check=False, timeout=60)
+
+    def managed_pids(self) -> list[int]:
+        """The managed plugin's `calico-cnm serve` processes (master, workers, agent)
+        in this host's network namespace; the legacy plugin must not be running."""
+        found = []
+        for pid in pids_in_netns([self.netns_path]):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"plugin.cli" in cmdline and b"serve" in cmdline:
+                found.append(pid)
+        return found
+
+    def managed_master_pid(self) -> int | None:
+        """The managed plugin's gunicorn master: the serve process whose parent is not
+        one (PID 1 of the plugin's container)."""
+        pids = set(self.managed_pids())
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) not in pids:
+                return pid
+        return None
 
     # ---- the host itself
     def _anchor_spawn(self) -> None:

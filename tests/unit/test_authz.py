@@ -13,7 +13,7 @@ import pytest
 
 from datastore.base import ROOT, DatastoreUnavailable
 from datastore.sqlite import SqliteDatastore
-from driver.authz import network_removed_by
+from driver.authz import network_removed_by, plugin_disabled_by
 from tests.unit.test_cluster_networks import Host
 
 WEB_H1 = "a1" * 32
@@ -104,3 +104,46 @@ def test_removal_is_refused_while_the_datastore_does_not_answer(cluster):
         assert _ask(h1, "GET", "/v1.41/networks") == {"Allow": True}
     finally:
         del store.list
+
+
+@pytest.mark.parametrize(("method", "uri", "name"), [
+    ("POST", "/v1.41/plugins/calico/cnm:latest/disable", "calico/cnm:latest"),
+    ("POST", "/plugins/calico/cnm/disable?force=0", "calico/cnm"),
+    ("POST", "/v1.41/plugins/calico/cnm:latest/disable?force=1", None),
+    ("POST", "/v1.41/plugins/calico/cnm:latest/disable?force=true", None),
+    ("POST", "/v1.41/plugins/calico/cnm:latest/enable", None),
+    ("GET", "/v1.41/plugins/calico/cnm:latest/disable", None),
+])
+def test_only_a_disable_without_force_names_a_plugin(method, uri, name):
+    assert plugin_disabled_by(method, uri) == name
+
+
+def _managed_host(tmp_path: Path, store: SqliteDatastore, reference: str | None) -> Host:
+    host = Host("h1", store, str(tmp_path / "state.db"))
+    host.app.extensions["calico_cnm.plugin_reference"] = reference
+    return host
+
+
+def test_disabling_the_managed_plugin_is_refused_while_this_host_has_networks(
+        cluster, tmp_path):
+    _, h2, store, _ = cluster
+    h1 = _managed_host(tmp_path, store, "calico/cnm:latest")
+    for name in ("calico/cnm:latest", "calico/cnm"):
+        reply = _ask(h1, "POST", f"/v1.41/plugins/{name}/disable")
+        assert reply["Allow"] is False
+        assert reply["Msg"].startswith("plugin calico/cnm:latest is in use by 1 calico "
+                                       "network(s) on this host (web)")
+    # With -f, another plugin's name, or once this host has no network: allowed.
+    assert _ask(h1, "POST", "/v1.41/plugins/calico/cnm:latest/disable?force=1")["Allow"]
+    assert _ask(h1, "POST", "/v1.41/plugins/other/plugin:latest/disable")["Allow"]
+    h2.app.extensions["calico_cnm.plugin_reference"] = "calico/cnm:latest"
+    assert not _ask(h2, "POST", "/v1.41/plugins/calico/cnm:latest/disable")["Allow"]
+    # Removed here while unused, it is removed everywhere: h2's copy is on its way out.
+    h1.call("NetworkDriver.DeleteNetwork", {"NetworkID": WEB_H1})
+    assert _ask(h1, "POST", "/v1.41/plugins/calico/cnm:latest/disable")["Allow"]
+    assert _ask(h2, "POST", "/v1.41/plugins/calico/cnm:latest/disable")["Allow"]
+
+
+def test_the_legacy_plugin_never_refuses_a_disable(cluster):
+    h1, _, _, _ = cluster
+    assert _ask(h1, "POST", "/v1.41/plugins/calico/cnm:latest/disable") == {"Allow": True}
