@@ -276,13 +276,14 @@ class Agent:
     def _retire_bird(self) -> None:
         """Static routing: a BIRD left running from BGP routing is stopped and its
         kernel routes removed (the agent programs every route now)."""
-        if self._bird.pid is None and not os.path.exists(self._bird.pid_path):
+        if self._bird.pid is None and not self._bird.has_run:
             return
         self._bird.stop(graceful=False)
         with self._netlink_factory() as netlink:
             removed = netlink.list_routes(protocol=RTPROT_BIRD)
             for route in removed:
                 netlink.remove_route(route, protocol=RTPROT_BIRD)
+        self._bird.forget()  # retired: the next start has nothing to retire
         log.info("static routing: stopped BIRD and removed its %d kernel route(s)",
                  len(removed))
 

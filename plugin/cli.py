@@ -134,7 +134,8 @@ def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace
               "pass --force", file=sys.stderr)
         return 1
     PolicyWriter().remove_all()
-    BirdSupervisor(settings.run_dir).stop(graceful=False)
+    bird = BirdSupervisor(settings.run_dir)
+    bird.stop(graceful=False)
     with host_netlink(settings)() as netlink:
         routes = netlink.list_routes() + netlink.list_routes(protocol=RTPROT_BIRD)
         for route in netlink.list_routes():
@@ -142,6 +143,7 @@ def cmd_uninstall(settings: Settings, store: Datastore, args: argparse.Namespace
         for route in netlink.list_routes(protocol=RTPROT_BIRD):
             netlink.remove_route(route, protocol=RTPROT_BIRD)
         netlink.delete_link(VXLAN_DEVICE)
+    bird.forget()
     print(f"removed every cali- chain, set and hook, BIRD, {len(routes)} route(s) of ours "
           f"and {VXLAN_DEVICE} from this host")
     return 0

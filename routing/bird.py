@@ -49,6 +49,8 @@ CONNECT_DELAY_TIME = 2
 CONNECT_RETRY_TIME = 5
 KERNEL_SCAN_TIME = 2
 DEVICE_SCAN_TIME = 10
+# Seconds a restarted BIRD waits for its peers before updating the kernel.
+GRACEFUL_RESTART_WAIT = 10
 # Devices whose routes say nothing about how to reach a BGP neighbour.
 DIRECT_EXCLUDED = ("cali*", "docker*", "br-*", "veth*", "tunl*", "vxlan*")
 
@@ -314,6 +316,9 @@ def render_bird_config(me: BgpNode, nodes: list[BgpNode], peers: list[BgpPeer],
            "",
            "log stderr { info, remote, warning, error, auth, fatal, bug };",
            f"router id {rid};",
+           "# Started with -R, BIRD holds back kernel updates until every peer is back",
+           "# (240 s by default): a peer that is down must not stall this node's routes.",
+           f"graceful restart wait {GRACEFUL_RESTART_WAIT};",
            "",
            "protocol device {",
            f"  scan time {DEVICE_SCAN_TIME};",

@@ -194,6 +194,20 @@ class BirdSupervisor:
             return pid
         return None
 
+    @property
+    def has_run(self) -> bool:
+        """Whether a BIRD of this run directory ran (its configuration or pid file is
+        still there): its kernel routes may outlive it (persist)."""
+        return os.path.exists(self.pid_path) or os.path.exists(self.config_path)
+
+    def forget(self) -> None:
+        """After stop(): removes the files that say a BIRD ran here."""
+        for path in (self.config_path, self.rejected_path, self.pid_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
     def stop(self, graceful: bool = True) -> None:
         """Stops BIRD: with BGP graceful restart (peers and the kernel keep the
         routes), or plainly (sessions closed, routes withdrawn)."""

@@ -281,3 +281,51 @@ def test_the_offline_upgrade_keeps_settings_networks_addresses_and_policy(
     assert len({a.ipv4, b.ipv4, c.ipv4, d.ipv4}) == 4
     assert wait_for(lambda: _reaches(b, a.ipv4) and _reaches(c, b.ipv4), timeout=10)
     assert _reaches(b, d.ipv4)
+
+
+def _reconfigure(host: Host, *settings: str) -> None:
+    host.docker("plugin", "disable", "-f", MANAGED_PLUGIN, timeout=60)
+    host.docker("plugin", "set", MANAGED_PLUGIN, *settings)
+    host.docker("plugin", "enable", MANAGED_PLUGIN, timeout=60)
+
+
+def _status(host: Host) -> dict:
+    run_dir = str(host.managed_state_dir / "run")  # BIRD's socket, on the state mount
+    return json.loads(host.cli("node", "status", "-o", "json", "--run-dir", run_dir).stdout)
+
+
+def _bird_routes(host: Host) -> str:
+    return host.sh("ip", "route", "show", "proto", "bird").stdout
+
+
+def test_bird_runs_inside_the_plugin_with_bgp_routing(
+        managed: list[Host], stack: Stack) -> None:
+    h1, h2 = managed
+    for host in managed:
+        _reconfigure(host, "CALICO_CNM_ROUTING=bgp")
+    try:
+        network = _managed_network(stack, h1)
+        stack.wait_network(h2, network)
+        a = stack.container(h1, network)
+        b = stack.container(h2, network)
+        block = str(ipaddress.ip_network(f"{b.ipv4}/26", strict=False))
+
+        def established() -> bool:
+            sessions = (_status(h1)["bgp"] or {}).get("sessions", [])
+            return any(s["neighbor"] == h2.address and s["info"].startswith("Established")
+                       for s in sessions)
+
+        assert wait_for(established, timeout=30), _status(h1)
+        # Live from BIRD's socket in the plugin, through the state mount.
+        view = _status(h1)["bgp"]
+        assert view["bird_running"] is True and view["source"] == "socket"
+        # h2's block reaches h1 by BGP (BIRD's routes), not by the agent's static ones.
+        # At most GRACEFUL_RESTART_WAIT (10 s) after BIRD's start, though h3 has no BIRD.
+        assert wait_for(lambda: f"{block} via {h2.address}" in _bird_routes(h1), timeout=30)
+        assert wait_for(lambda: _reaches(a, b.ipv4), timeout=10)
+    finally:
+        for host in managed:
+            _reconfigure(host, "CALICO_CNM_ROUTING=static")
+    # Static routing again: the agent retires BIRD's routes.
+    for host in managed:
+        assert wait_for(lambda h=host: not _bird_routes(h), timeout=15), _bird_routes(host)
