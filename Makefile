@@ -17,6 +17,7 @@ test: deps
 # The managed plugin calico/cnm:latest (PLUGIN=owner/name:tag for another name).
 plugin: deps
 	sh scripts/start-dockerd.sh
+	mkdir -p /var/lib/calico-cnm/tls
 	sh scripts/build-plugin.sh
 
 unit: deps

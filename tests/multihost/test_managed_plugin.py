@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.multihost.cluster import (
+    CLI,
     MANAGED_PLUGIN,
     REPO,
     Cluster,
@@ -329,3 +330,37 @@ def test_bird_runs_inside_the_plugin_with_bgp_routing(
     # Static routing again: the agent retires BIRD's routes.
     for host in managed:
         assert wait_for(lambda h=host: not _bird_routes(h), timeout=15), _bird_routes(host)
+
+
+def test_on_the_embedded_datastore_an_upgrade_keeps_what_the_state_mount_holds(
+        managed: list[Host], stack: Stack) -> None:
+    """Without etcd, state.db is on the host's state mount: a re-created plugin finds
+    every network, address and profile there."""
+    h1 = managed[0]
+    state_db = h1.managed_state_dir / "state.db"
+    local = _environment({"CALICO_CNM_SQLITE_PATH": str(state_db)})
+
+    def show(kind: str) -> list[dict]:
+        return json.loads(run(CLI, kind, "show", "-o", "json", env=local).stdout)
+
+    h1.remove_workloads()
+    _reconfigure(h1, "ETCD_ENDPOINTS=")
+    try:
+        web = _managed_network(stack, h1)
+        db = _managed_network(stack, h1)
+        a = stack.container(h1, web)
+        d = stack.container(h1, db)
+        run(CLI, "profile", db, "rule", "add", "inbound", "allow", "from", "tag", web,
+            env=local)
+        assert wait_for(lambda: _reaches(a, d.ipv4), timeout=5)
+        before = {kind: show(kind) for kind in ("network", "ipam", "profile")}
+        assert {n["name"] for n in before["network"]} == {web, db}
+        run("sh", str(REPO / "scripts" / "build-plugin.sh"), timeout=900,
+            env=_environment({"DOCKER_HOST": h1.docker_host}))
+        assert {kind: show(kind) for kind in before} == before
+        b = stack.container(h1, web)
+        assert b.ipv4 not in {a.ipv4, d.ipv4}
+        assert wait_for(lambda: _reaches(b, a.ipv4) and _reaches(b, d.ipv4), timeout=10)
+    finally:
+        stack.cleanup()
+        _reconfigure(h1, f"ETCD_ENDPOINTS={h1.etcd_endpoint}")
