@@ -157,3 +157,40 @@ def test_agent_cleans_up_an_endpoint_docker_forgot(stack: Stack) -> None:
     assert len([e for e in stack.plugin.cli("endpoint", "show").stdout.splitlines()
                 if info["Id"][:12] in e]) == 1
     stack.exec(a, "true")
+
+
+def test_the_socket_answers_at_once_while_the_datastore_does_not(tmp_path: Path) -> None:
+    """dockerd gives an enabling managed plugin about 12 s to answer on its socket: the
+    plugin binds it before waiting on a datastore (here an etcd that accepts
+    connections and never answers), and serves both drivers on one socket when their
+    names are equal."""
+    import socket as sockets
+    import time
+
+    silent = sockets.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete in the backlog; nothing is ever read
+    env = {
+        "CALICO_CNM_PLUGIN_DIR": str(tmp_path / "plugins"),
+        "ETCD_ENDPOINTS": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        "CALICO_CNM_NETWORK_DRIVER_NAME": "calico-slow",
+        "CALICO_CNM_IPAM_DRIVER_NAME": "calico-slow",
+        "CALICO_CNM_RUN_AGENT": "false",  # the main plugin's agent owns this host
+    }
+    server = Plugin(env, tmp_path / "plugin.log")
+    began = time.monotonic()
+    try:
+        server.start()
+        answered = time.monotonic() - began
+        assert os.listdir(tmp_path / "plugins") == ["calico-slow.sock"]
+        status, body = post_unix(server.sockets[0], "/NetworkDriver.GetCapabilities", b"")
+        assert status == 200 and body["Scope"] == "local"
+        status, body = post_unix(server.sockets[0], "/IpamDriver.GetCapabilities", b"")
+        assert status == 200 and "RequiresMACAddress" in body
+        assert answered < 12, f"the socket answered after {answered:.1f} s"
+        log = server.log_path.read_text()
+        # The default pools were left to the agent, whether etcd failed or timed out.
+        assert "slow to answer" in log or "default pools not created at start" in log, log
+    finally:
+        server.stop()
+        silent.close()
