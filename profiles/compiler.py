@@ -15,20 +15,20 @@ of tables, ipsets and hooks):
 
 1. ``render_ipset_restore(...)`` text -> ``ipset restore`` (creates/updates the sets
    the rules reference, so it must run first);
-2. per table ``render_restore(...)`` text -> ``iptables-restore --noflush`` (IPv4) or
-   ``ip6tables-restore --noflush`` (IPv6): flushes and rewrites exactly the given chains
-   and deletes the given ones, atomically per table;
+2. per table, ``iptables-restore --noflush`` (IPv4) or ``ip6tables-restore --noflush``
+   (IPv6) input that the writer renders: it flushes and rewrites exactly the changed
+   chains and deletes the given ones, atomically per table;
 3. insert each of :attr:`DesiredState.hooks` at position 1 of its built-in chain when it
    is missing there (``-I FORWARD 1 -j cali-FORWARD``; ahead of Docker's chains; Docker
    rewrites FORWARD when it restarts, so check on every resync);
 4. ``render_ipset_destroy(...)`` -> ``ipset restore``: destroys sets no rule refers to
    any more (it must run after the rules stopped referencing them).
 
-:func:`plan_restore` builds all of these texts from the previous and the new state,
-rewriting only what changed (:func:`diff`).
+The writer rewrites only what changed from the previous state to the new one
+(:func:`diff`).
 
 Rules are strings in ``iptables-save`` syntax *without* the ``-A CHAIN`` prefix,
-e.g. ``"-m set --match-set cali4-t-web src -g cali-allow"``; ``render_restore`` adds it.
+e.g. ``"-m set --match-set cali4-t-web src -g cali-allow"``; the writer adds it.
 They read back from ``iptables-save`` unchanged (checked against iptables 1.8.9, nft
 backend), except that protocol numbers come back as names (``-p 47`` -> ``-p gre``).
 
@@ -1196,29 +1196,6 @@ def compile_policy(
 # --- rendering for the kernel, and diffs ------------------------------------------------
 
 
-def render_restore(
-    table_chains: Mapping[str, Sequence[str]], table: str, delete: Iterable[str] = ()
-) -> str:
-    """``iptables-restore --noflush`` input that flushes and rewrites exactly the given
-    chains (creating missing ones) and deletes the chains in ``delete``.
-
-    Deleted chains are flushed first and removed last, in the same transaction, so
-    chains that referenced them can be rewritten alongside.
-    """
-    names = sorted(table_chains)
-    doomed = sorted(set(delete) - set(names))
-    for name in (*names, *doomed):
-        if not is_own_chain(name) or len(name) > MAX_CHAIN_NAME or not _SAFE.fullmatch(name):
-            raise ValueError(f"refusing to write chain {name!r}: not one of ours")
-    lines = [f"*{table}"]
-    lines += [f":{name} - [0:0]" for name in (*names, *doomed)]
-    for name in names:
-        lines += [f"-A {name} {rule}" for rule in table_chains[name]]
-    lines += [f"-X {name}" for name in doomed]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
 def _temp_set(ipset: IpSet) -> str:
     version = 4 if ipset.family == "inet" else 6
     kind = ipset.type.split(":", 1)[1].replace(",", "-")
@@ -1311,36 +1288,4 @@ def diff(old: DesiredState | None, new: DesiredState) -> StateDiff:
         changed_sets=sorted(n for n, s in new.ipsets.items() if old_sets.get(n) != s),
         deleted_sets=sorted(n for n in old_sets if n not in new.ipsets),
         hooks_changed=old is None or old.hooks != new.hooks,
-    )
-
-
-@dataclass
-class RestorePlan:
-    """The texts a writer feeds to the kernel, in this order: ``ipsets``
-    (``ipset restore``), each of ``tables`` (``iptables-restore --noflush`` or
-    ``ip6tables-restore --noflush``), then the hooks, then ``destroy_sets``."""
-
-    ipsets: str
-    tables: dict[str, str]
-    destroy_sets: str
-    diff: StateDiff
-
-
-def plan_restore(old: DesiredState | None, new: DesiredState) -> RestorePlan:
-    """Texts that take the kernel from ``old`` (as applied) to ``new``, touching only
-    what changed. Pass ``old=None`` for a full resync."""
-    changes = diff(old, new)
-    tables = {}
-    for table in sorted(set(changes.changed_chains) | set(changes.deleted_chains)):
-        names = changes.changed_chains.get(table, [])
-        doomed = changes.deleted_chains.get(table, [])
-        if names or doomed:
-            chains = new.tables.get(table, {})
-            tables[table] = render_restore({n: chains[n] for n in names}, table, doomed)
-    sets = {name: new.ipsets[name] for name in changes.changed_sets}
-    return RestorePlan(
-        ipsets=render_ipset_restore(sets, old.ipsets if old is not None else None),
-        tables=tables,
-        destroy_sets=render_ipset_destroy(changes.deleted_sets),
-        diff=changes,
     )

@@ -46,13 +46,11 @@ from profiles.compiler import (
     diff,
     endpoint_set_member,
     endpoint_set_name,
-    plan_restore,
     profile_chain_names,
     profile_list_chain_name,
     render_ipset_destroy,
     render_ipset_restore,
     render_profile_chains,
-    render_restore,
     render_rule,
     set_name,
     tag_set_name,
@@ -976,10 +974,11 @@ def test_adding_one_endpoint_changes_only_set_members():
             endpoint_set_name(["p3", "p4"], version),
             tag_set_name("t3", version), tag_set_name("t4", version),
         ])
-        plan = plan_restore(before.family(version), after.family(version))
-        assert plan.tables == {} and plan.destroy_sets == ""
+        old, new = before.family(version), after.family(version)
+        text = render_ipset_restore({n: new.ipsets[n] for n in changes.changed_sets},
+                                    old.ipsets)
         address = "10.200.0.1" if version == 4 else "fd00::c8:1"
-        assert sorted(plan.ipsets.splitlines()) == sorted([
+        assert sorted(text.splitlines()) == sorted([
             f"add {endpoint_set_name(['p3', 'p4'], version)} {address},cali0newcomer0 -exist",
             f"add {tag_set_name('t3', version)} {address} -exist",
             f"add {tag_set_name('t4', version)} {address} -exist",
@@ -1252,27 +1251,6 @@ def test_unused_profiles_get_no_chains():
 # --- restore texts and diffs -------------------------------------------------------------------
 
 
-def test_render_restore_text():
-    text = render_restore({"cali-b": ["-j DROP"], "cali-a": ["-s 10.0.0.0/8 -j RETURN",
-                                                            "-j cali-b"]},
-                          "filter", delete=["cali-old"])
-    assert text == (
-        "*filter\n"
-        ":cali-a - [0:0]\n"
-        ":cali-b - [0:0]\n"
-        ":cali-old - [0:0]\n"
-        "-A cali-a -s 10.0.0.0/8 -j RETURN\n"
-        "-A cali-a -j cali-b\n"
-        "-A cali-b -j DROP\n"
-        "-X cali-old\n"
-        "COMMIT\n"
-    )
-    assert render_restore({}, "nat") == "*nat\nCOMMIT\n"
-    for bad in ("FORWARD", "DOCKER", "cali-" + "x" * 30, "cali-a b"):
-        with pytest.raises(ValueError, match="not one of ours"):
-            render_restore({bad: []}, "filter")
-
-
 def test_render_ipset_restore_full_and_delta():
     sets = {"cali4-t-web": IpSet("hash:ip", "inet", frozenset({"10.0.0.2", "10.0.0.1"}))}
     assert render_ipset_restore(sets) == (
@@ -1319,7 +1297,6 @@ def test_diff_against_nothing_rewrites_everything():
 
 def test_diff_of_equal_states_is_empty():
     assert diff(world().v4, world().v4).empty
-    assert plan_restore(world().v4, world().v4).tables == {}
 
 
 def test_diff_when_an_endpoint_and_its_profile_go_away():
@@ -1330,11 +1307,7 @@ def test_diff_when_an_endpoint_and_its_profile_go_away():
     assert changes.deleted_chains["filter"] == gone
     assert changes.changed_chains["filter"] == [FROM_DISPATCH, TO_DISPATCH]
     assert changes.changed_sets == [] and changes.deleted_sets == ["cali4-e-db"]
-    plan = plan_restore(before, after)
-    assert plan.tables["filter"].endswith(
-        "".join(f"-X {name}\n" for name in gone) + "COMMIT\n"
-    )
-    assert plan.destroy_sets == "destroy cali4-e-db\n"
+    assert render_ipset_destroy(changes.deleted_sets) == "destroy cali4-e-db\n"
     # One of several endpoints of a list goes: only a set member.
     changes = diff(before, world(endpoints=[W1, D1, X1]).v4)
     assert changes.changed_chains == {"filter": [], "nat": []}
@@ -1357,5 +1330,4 @@ def test_diff_when_a_tag_goes_away():
     after = world(profiles={**PROFILES, "web": quiet, "db": Profile("db", ["db"])}).v4
     changes = diff(before, after)
     assert changes.deleted_sets == ["cali4-t-web"]
-    plan = plan_restore(before, after)
-    assert plan.destroy_sets == "destroy cali4-t-web\n"
+    assert render_ipset_destroy(changes.deleted_sets) == "destroy cali4-t-web\n"
