@@ -62,10 +62,17 @@ def request_pool() -> ResponseReturnValue:
     v6 = g.body.get("V6", False)
     if not isinstance(v6, bool):
         raise InvalidRequest("V6 must be true or false")
+    options = _options()
+    if options:
+        # Kept with the reservation, they would mean nothing and be shown for ever.
+        raise InvalidRequest(
+            f"unsupported IPAM option {sorted(options)[0]!r}: calico-ipam takes no "
+            "--ipam-opt options (supported: none)"
+        )
     pool_id, cidr, data = _service().request_pool(
         _string("Pool", required=False) or None,
         _string("SubPool", required=False) or None,
-        _options(),
+        None,
         v6,
     )
     return jsonify({"PoolID": pool_id, "Pool": cidr, "Data": data})

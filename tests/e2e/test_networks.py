@@ -129,6 +129,18 @@ def test_unsupported_option_is_refused(stack: Stack) -> None:
     assert docker("network", "inspect", name, check=False).returncode != 0
 
 
+def test_unknown_ipam_option_is_refused_and_reserves_nothing(stack: Stack) -> None:
+    name = unique("cnm")
+    # Pool usage counts reserved subnets too: it must not change.
+    before = json.loads(stack.plugin.cli("pool", "show", "-o", "json").stdout)
+    result = docker("network", "create", "-d", "calico", "--ipam-driver", "calico-ipam",
+                    "--ipam-opt", "pooltype=a", name, check=False)
+    assert result.returncode != 0
+    assert "unsupported IPAM option 'pooltype'" in result.stderr, result.stderr
+    assert docker("network", "inspect", name, check=False).returncode != 0
+    assert json.loads(stack.plugin.cli("pool", "show", "-o", "json").stdout) == before
+
+
 def test_connect_second_network_uses_its_own_interface_and_source(stack: Stack) -> None:
     net1 = stack.network()
     net2 = stack.network()
