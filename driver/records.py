@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from datastore.base import ROOT
@@ -14,6 +14,14 @@ HOST_IFNAME_PREFIX = "cali"
 CONTAINER_IFNAME_PREFIX = "tmp"
 # Interface names are limited to 15 characters: prefix + 11 of the endpoint ID.
 IFNAME_ID_CHARS = 11
+
+
+def split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stored record's fields this version knows, and the rest (a newer version's,
+    during a rolling upgrade), which is kept and written back unchanged."""
+    known = {f.name for f in fields(cls)} - {"unknown"}
+    return ({k: v for k, v in data.items() if k in known},
+            {k: v for k, v in data.items() if k not in known})
 
 
 def network_key(network_id: str) -> str:
@@ -63,20 +71,24 @@ class NetworkRecord:
     # Set when the network was removed on another host: this host's agent removes it
     # from its Docker too.
     removing: bool = False
+    # Fields of a newer version, written back as they were.
+    unknown: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def subnets(self) -> tuple[str | None, str | None]:
         return (self.ipv4.cidr if self.ipv4 else None, self.ipv6.cidr if self.ipv6 else None)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        return {**values.pop("unknown"), **values}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkRecord:
+        _, unknown = split_known(cls, data)
         return cls(
             id=data["id"],
-            ipv4=Subnet(**data["ipv4"]) if data.get("ipv4") else None,
-            ipv6=Subnet(**data["ipv6"]) if data.get("ipv6") else None,
+            ipv4=Subnet(**split_known(Subnet, data["ipv4"])[0]) if data.get("ipv4") else None,
+            ipv6=Subnet(**split_known(Subnet, data["ipv6"])[0]) if data.get("ipv6") else None,
             mtu=data.get("mtu"),
             profiles=list(data.get("profiles", [])),
             internal=bool(data.get("internal", False)),
@@ -85,6 +97,7 @@ class NetworkRecord:
             hostname=str(data.get("hostname", "")),
             conflict=str(data.get("conflict", "")),
             removing=bool(data.get("removing", False)),
+            unknown=unknown,
         )
 
 
@@ -108,6 +121,8 @@ class EndpointRecord:
     state: str = "created"
     profiles: list[str] = field(default_factory=list)
     ports: list[PortMapping] = field(default_factory=list)
+    # Fields of a newer version, written back as they were.
+    unknown: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def host_ifname(self) -> str:
@@ -127,10 +142,12 @@ class EndpointRecord:
         return [a.split("/")[0] for a in (self.ipv4, self.ipv6) if a]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        return {**values.pop("unknown"), **values}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EndpointRecord:
-        values = dict(data)
-        values["ports"] = [PortMapping(**p) for p in data.get("ports", [])]
-        return cls(**values)
+        values, unknown = split_known(cls, data)
+        values["ports"] = [PortMapping(**split_known(PortMapping, p)[0])
+                           for p in data.get("ports", [])]
+        return cls(**values, unknown=unknown)

@@ -260,10 +260,12 @@ class HostPolicy:
         try:
             if isinstance(data, Exception):
                 raise data
-            profile = Profile.from_dict(data)
+            profile, notes = Profile.from_stored(data)
         except Exception as exc:  # noqa: BLE001 - unreadable: its endpoints fail closed
             self.model.set_invalid_profile(name, str(exc))
             return
+        for note in notes:
+            log.warning("profile %s (written by a newer version?): %s", name, note)
         self.model.set_profile(profile, name=name)
 
 

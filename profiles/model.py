@@ -347,6 +347,14 @@ class Rule:
         return data
 
     @classmethod
+    def unknown_keys(cls, data: Mapping[str, Any]) -> list[str]:
+        """The keys of a rule's JSON form that this version does not know."""
+        known = {item.name for item in fields(cls)}
+        return sorted(str(key) for key in data
+                      if not isinstance(key, str) or field_name(key) not in known
+                      or key != dict_key(field_name(key)))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:
         """Parse, normalize and validate the JSON form; unknown keys are refused."""
         if not isinstance(data, Mapping):
@@ -465,6 +473,44 @@ class Profile:
             name=data["name"], tags=list(tags),
             inbound_rules=parsed["inbound"], outbound_rules=parsed["outbound"],
         ).validate()
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> tuple[Profile, list[str]]:
+        """A profile as stored, perhaps by a newer version (a rolling upgrade): keys it
+        added are tolerated. A rule with conditions this version does not know cannot
+        be enforced as written, so it fails closed: an allow or log rule is left out,
+        a deny rule is kept without them (denying more). Returns notes on what was
+        left out; anything else malformed is refused as by from_dict."""
+        if not isinstance(data, Mapping):
+            raise InvalidRequest(f"a profile must be an object, not {data!r}")
+        notes = [f"ignored profile key '{key}'" for key in sorted(map(str, data))
+                 if key not in ("name", "tags", "rules")]
+        cleaned: dict[str, Any] = {k: data[k] for k in ("name", "tags", "rules") if k in data}
+        rules = cleaned.get("rules")
+        if isinstance(rules, Mapping):
+            kept: dict[str, Any] = {}
+            for direction in ("inbound", "outbound"):
+                items = rules.get(direction)
+                if not isinstance(items, list | tuple):
+                    kept[direction] = items
+                    continue
+                kept[direction] = []
+                for index, item in enumerate(items):
+                    unknown = Rule.unknown_keys(item) if isinstance(item, Mapping) else []
+                    if not unknown:
+                        kept[direction].append(item)
+                    elif item.get("action") == "deny":
+                        kept[direction].append(
+                            {k: v for k, v in item.items() if k not in unknown})
+                        notes.append(f"rules.{direction}[{index}]: deny kept without "
+                                     f"unknown key(s) {', '.join(unknown)}")
+                    else:
+                        notes.append(f"rules.{direction}[{index}]: left out (unknown "
+                                     f"key(s) {', '.join(unknown)})")
+            notes += [f"ignored rule direction '{key}'" for key in sorted(map(str, rules))
+                      if key not in ("inbound", "outbound")]
+            cleaned["rules"] = kept
+        return cls.from_dict(cleaned), notes
 
     @classmethod
     def network_default(cls, name: str, tags: Iterable[str] | None = None) -> Profile:

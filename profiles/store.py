@@ -33,6 +33,7 @@ Choices:
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 from datastore.base import (
@@ -47,6 +48,8 @@ from datastore.base import (
 )
 from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound
 from profiles.model import Profile, Rule, check_name
+
+log = logging.getLogger(__name__)
 
 PROFILES = ROOT + "profiles/"
 DIRECTIONS = ("inbound", "outbound")
@@ -273,6 +276,11 @@ class ProfileStore:
         for _ in self._attempts(what):
             entry = self._read(name)
             current = self._load(entry)
+            if Profile.from_stored(entry.data)[1]:
+                # Writing back what this version read would drop what it cannot read.
+                raise Conflict(f"profile '{name}' holds rules or keys this version does "
+                               "not know (written by a newer calico-cnm): change it there, "
+                               "or replace it whole with `apply`")
             updated = self._load(entry)
             change(updated)
             updated = normalized_profile(updated)
@@ -298,9 +306,12 @@ class ProfileStore:
     @staticmethod
     def _load(entry: Entry) -> Profile:
         try:
-            return Profile.from_dict(entry.data)
+            profile, notes = Profile.from_stored(entry.data)
         except (InvalidRequest, ValueError) as exc:
             raise CalicoCnmError(f"stored profile {entry.key} is unreadable: {exc}") from exc
+        for note in notes:
+            log.warning("stored profile %s (written by a newer version?): %s", entry.key, note)
+        return profile
 
     def _attempts(self, what: str) -> Iterator[int]:
         return cas_attempts(what, self.max_attempts)

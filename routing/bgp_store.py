@@ -165,7 +165,9 @@ class BgpStore:
 
         def change(current: Any) -> dict[str, Any]:
             settings = settings_from(current)
-            return {"as_number": number if number is not None else settings.default_as,
+            kept = current if isinstance(current, dict) else {}  # a newer version's keys
+            return {**kept,
+                    "as_number": number if number is not None else settings.default_as,
                     "mesh": mesh if mesh is not None else settings.mesh}
 
         self._swap(CONFIG_KEY, change)
@@ -239,7 +241,8 @@ class BgpStore:
                 None if clear_rr else (rr if rr is not None else existing.rr_cluster_id))
             if wanted.as_number is None and wanted.rr_cluster_id is None:
                 return None
-            return wanted.to_dict()
+            kept = current if isinstance(current, dict) else {}  # a newer version's keys
+            return {**kept, **wanted.to_dict()}
 
         self._swap(NODE_SETTINGS + name, change)
         return self.node(name)
