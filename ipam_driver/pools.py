@@ -381,6 +381,7 @@ class SubnetReservation:
     hosts: tuple[str, ...] = ()
     created_revision: int | None = None
     migrated: bool = False
+    created_at: float | None = None  # wall-clock seconds; None in older records
 
     @property
     def network(self) -> IPNetwork:
@@ -463,6 +464,8 @@ class SubnetReservation:
             data["created_revision"] = self.created_revision
         if self.migrated:
             data["migrated"] = True
+        if self.created_at is not None:
+            data["created_at"] = self.created_at
         return data
 
     @classmethod
@@ -482,6 +485,8 @@ class SubnetReservation:
             hosts=_sorted_hosts(hosts),
             created_revision=int(created) if created is not None else None,
             migrated=bool(data.get("migrated", False)),
+            created_at=float(data["created_at"]) if data.get("created_at") is not None
+            else None,
         )
 
 

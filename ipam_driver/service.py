@@ -112,6 +112,7 @@ the commit fail and start over, but a reservation it dropped would remain.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -616,6 +617,12 @@ class IpamService:
         return self._subnet_info(rec, blocks)
 
     @_store_errors
+    def reservations(self) -> list[tuple[int, SubnetReservation]]:
+        """Every settled subnet reservation with its record's revision."""
+        return [(entry.revision, rec) for entry, rec in self._list_reservations()
+                if rec.settled]
+
+    @_store_errors
     def claimed_hosts(self, pool_id: str) -> list[str]:
         """The hosts that hold a network on this subnet, sorted."""
         return list(self._get_reservation(pool_id)[1].hosts)
@@ -1090,6 +1097,7 @@ class IpamService:
             sub_pool=str(sub_pool) if sub_pool is not None else None,
             options=dict(options),
             hosts=(self.hostname,),
+            created_at=time.time(),
         )
 
     def _carve(

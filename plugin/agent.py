@@ -29,7 +29,7 @@ from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
 from plugin.compose import build_ipam, build_network_service, host_netlink
 from plugin.docker_names import DockerNames, DockerNetworks
-from plugin.garbage import NetworkState, StaleCollector
+from plugin.garbage import NetworkState, OrphanSubnetCollector, StaleCollector
 from plugin.metrics import MeteredDatastore, metrics_for
 from plugin.network_sync import NetworkSync
 from plugin.policy import HostPolicy, policy_settings
@@ -73,13 +73,17 @@ class Agent:
             settings, store, self._ipam, netlink_factory, name_lookup
         )
         self._stop = threading.Event()
+        docker_networks = docker_networks or DockerNetworks(settings.docker_host)
         self._network_sync = NetworkSync(
-            settings, store, self._ipam, self._networks,
-            docker_networks or DockerNetworks(settings.docker_host), self._stop)
+            settings, store, self._ipam, self._networks, docker_networks, self._stop)
+        grace = settings.stale_grace if stale_grace is None else stale_grace
+        self._orphan_subnets = OrphanSubnetCollector(
+            self._ipam, self._networks, settings.hostname,
+            lambda: docker_networks.ipam_subnets(settings.docker_drivers[1]), grace)
         self._collector = StaleCollector(
             store, self._networks, settings.hostname,
             network_state or DockerNames(settings.docker_host).network_state,
-            settings.stale_grace if stale_grace is None else stale_grace,
+            grace,
         )
         self._local_endpoints = f"{ENDPOINTS}{settings.hostname}/"
         self._policy = HostPolicy(settings.hostname, policy_settings(settings))
@@ -210,6 +214,7 @@ class Agent:
         steps: list[Callable[[], object]] = [
             self.register_node,
             lambda: self._collector.collect(time.monotonic()),
+            lambda: self._orphan_subnets.collect(time.monotonic()),
             self._networks.resolve_pending_networks,
             self.request_network_sync,
             self.reconcile_routes,

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,7 +71,44 @@ def cmd_pool_show(settings: Settings, store: Datastore, args: argparse.Namespace
     return 0
 
 
+def subnet_reservations(settings: Settings, store: Datastore) -> list[dict[str, Any]]:
+    """Every subnet reservation with the networks (by host) that have its subnet."""
+    networks = build_network_service(settings, store, build_ipam(settings, store)
+                                     ).list_networks()
+    rows: list[dict[str, Any]] = []
+    now = time.time()
+    for _, rec in build_ipam(settings, store).reservations():
+        owners = sorted(f"{n.name or n.id[:12]}@{n.hostname or '?'}" for n in networks
+                        if rec.cidr in n.subnets)
+        rows.append({
+            "subnet": rec.cidr, "ip_range": rec.sub_pool, "pool": rec.pool,
+            "hosts": list(rec.hosts), "networks": owners,
+            "age_seconds": round(now - rec.created_at) if rec.created_at else None,
+            "state": "in use" if owners else "no network record",
+        })
+    return rows
+
+
+def _age(seconds: object) -> str:
+    if not isinstance(seconds, int):
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def cmd_ipam_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
+    if args.subnets:
+        reservations = subnet_reservations(settings, store)
+        if args.output == "json":
+            _print_json(reservations)
+            return 0
+        print(table(["SUBNET", "IP-RANGE", "POOL", "HOSTS", "NETWORKS", "AGE", "STATE"],
+                    [[r["subnet"], r["ip_range"] or "-", r["pool"],
+                      ",".join(r["hosts"]) or "-", ",".join(r["networks"]) or "-",
+                      _age(r["age_seconds"]), r["state"]] for r in reservations]))
+        return 0
     allocations = build_ipam(settings, store).list_allocations()
     if args.output == "json":
         _print_json([_as_dict(a) for a in allocations])
@@ -197,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     ipam_show = ipam_commands.add_parser("show", parents=[common],
                                          help="list allocated addresses and their handles")
     _output_flag(ipam_show)
+    ipam_show.add_argument("--subnets", action="store_true",
+                           help="list the network subnet reservations instead: their "
+                                "networks, hosts and age (one the agent has not matched "
+                                "to a network is released after the stale grace)")
     ipam_show.set_defaults(handler=cmd_ipam_show)
     release = ipam_commands.add_parser("release", parents=[common],
                                        help="release every address held by a handle (a leak)")

@@ -89,6 +89,28 @@ class DockerNetworks(DockerNames):
             log.debug("listing networks failed: %s", exc)
             return None
 
+    def ipam_subnets(self, ipam_driver: str) -> set[str] | None:
+        """The subnets of every network of this Docker whose IPAM driver is
+        ipam_driver (of any network driver), or None when Docker does not answer."""
+        try:
+            client = self._client()
+            try:
+                networks = client.networks()
+            finally:
+                client.close()
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                OSError) as exc:
+            log.debug("listing networks failed: %s", exc)
+            return None
+        subnets = set()
+        for network in networks:
+            ipam = network.get("IPAM") or {}
+            if ipam.get("Driver") != ipam_driver:
+                continue
+            subnets.update(str(c["Subnet"]) for c in ipam.get("Config") or []
+                           if c.get("Subnet"))
+        return subnets
+
     def create_network(self, spec: NetworkSpec, driver: str, ipam_driver: str) -> str:
         pools = []
         for subnet in (spec.ipv4, spec.ipv6):

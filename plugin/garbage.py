@@ -1,4 +1,5 @@
-"""Finds endpoint and network records that Docker has forgotten, and removes them.
+"""Finds endpoint and network records, and subnet reservations, that Docker has
+forgotten, and removes them.
 
 When the plugin is down, dockerd still removes containers and networks (after its
 calls to the plugin time out), so their records, veths and addresses would stay.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from datastore.base import Datastore
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from driver.service import NetworkService
+from ipam_driver.service import IpamService
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +84,56 @@ class StaleCollector:
                 removed.append(network.id)
         self._suspects = {k: v for k, v in self._suspects.items() if k in stale}
         return removed
+
+
+class OrphanSubnetCollector:
+    """Releases this host's claim on subnet reservations that nothing owns: no network
+    record of this host has the subnet, and no network of this host's Docker uses it
+    through our IPAM driver (networks of other drivers included). RequestPool without
+    its CreateNetwork (dockerd crashed between them, or refused the network) leaves
+    these. Each host speaks only for its own Docker; the last claim's release frees
+    the subnet and its addresses. Seen orphaned twice, `grace` seconds apart with no
+    change, as above; nothing is released while Docker does not answer."""
+
+    def __init__(self, ipam: IpamService, networks: NetworkService, hostname: str,
+                 docker_subnets: Callable[[], set[str] | None], grace: float) -> None:
+        self._ipam = ipam
+        self._networks = networks
+        self._hostname = hostname
+        self._docker_subnets = docker_subnets
+        self._grace = grace
+        self._suspects: dict[str, tuple[int, float]] = {}
+
+    def collect(self, now: float) -> list[str]:
+        """One pass; returns the subnets this host gave up."""
+        used = self._docker_subnets()
+        if used is None:
+            return []
+        try:
+            networks = self._networks.list_networks()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # An unreadable network record might own any subnet: judge none.
+            log.debug("subnet reservations not checked: a network record is unreadable "
+                      "(%s)", exc)
+            return []
+        owned = {cidr for n in networks
+                 if n.hostname in ("", self._hostname) for cidr in n.subnets if cidr}
+        released: list[str] = []
+        suspects: dict[str, tuple[int, float]] = {}
+        for revision, rec in self._ipam.reservations():
+            if self._hostname not in rec.hosts or rec.cidr in owned or rec.cidr in used:
+                continue
+            seen = self._suspects.get(rec.cidr)
+            if seen is None or seen[0] != revision:
+                suspects[rec.cidr] = (revision, now)
+                continue
+            if now - seen[1] < self._grace:
+                suspects[rec.cidr] = seen
+                continue
+            freed = self._ipam.release_pool(rec.cidr)
+            log.warning("released subnet %s: reserved by this host but used by no network "
+                        "here%s", rec.cidr,
+                        f" (and {len(freed)} address(es) left in it)" if freed else "")
+            released.append(rec.cidr)
+        self._suspects = suspects
+        return released

@@ -14,6 +14,7 @@ from tests.e2e.conftest import (
     docker,
     host_links,
     host_routes,
+    post_unix,
     run,
     unique,
     wait_for,
@@ -253,3 +254,29 @@ def test_carved_subnet_that_overlaps_a_host_route_is_replaced(stack: Stack) -> N
     finally:
         run("ip", "link", "del", "cnmroute0", check=False)
         stack.plugin.cli("pool", "remove", "10.215.0.0/23")
+
+
+def test_a_subnet_reserved_without_a_network_is_released_and_ones_in_use_stay(
+        stack: Stack) -> None:
+    """What a dockerd crash between RequestPool and CreateNetwork leaves, made by hand
+    on the IPAM socket; a bridge network on calico-ipam has no record of ours, but
+    Docker uses its subnet."""
+    status, reply = post_unix(stack.plugin.sockets[1], "/IpamDriver.RequestPool",
+                              b'{"AddressSpace": "CalicoLocal", "Pool": "", "V6": false}')
+    assert status == 200, reply
+    orphan = reply["Pool"]
+    bridged = unique("cnmb")
+    docker("network", "create", "-d", "bridge", "--ipam-driver", "calico-ipam", bridged)
+    try:
+        used = docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}",
+                      bridged).stdout.strip()
+
+        def reservations() -> dict[str, dict]:
+            out = stack.plugin.cli("ipam", "show", "--subnets", "-o", "json").stdout
+            return {r["subnet"]: r for r in json.loads(out)}
+
+        assert reservations()[orphan]["state"] == "no network record"
+        assert wait_for(lambda: orphan not in reservations(), timeout=30)
+        assert used in reservations()
+    finally:
+        docker("network", "rm", bridged)

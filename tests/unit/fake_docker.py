@@ -14,6 +14,8 @@ class FakeDockerNetworks:
         self.networks: dict[str, tuple[str, NetworkSpec | None]] = {
             name: (uuid.uuid4().hex, None) for name in names}
         self.answering = True
+        # name -> (IPAM driver, subnets) of networks made by create_network or add().
+        self.ipam: dict[str, tuple[str, set[str]]] = {}
 
     def network_names(self) -> set[str] | None:
         return set(self.networks) if self.answering else None
@@ -23,7 +25,21 @@ class FakeDockerNetworks:
             raise Conflict(f"network with name {spec.name} already exists")
         network_id = uuid.uuid4().hex
         self.networks[spec.name] = (network_id, spec)
+        self.ipam[spec.name] = (ipam_driver, {s.cidr for s in (spec.ipv4, spec.ipv6) if s})
         return network_id
+
+    def add(self, name: str, ipam_driver: str, subnets: set[str]) -> str:
+        """A network made on this Docker by someone else (any driver)."""
+        network_id = uuid.uuid4().hex
+        self.networks[name] = (network_id, None)
+        self.ipam[name] = (ipam_driver, set(subnets))
+        return network_id
+
+    def ipam_subnets(self, ipam_driver: str) -> set[str] | None:
+        if not self.answering:
+            return None
+        return {cidr for name, (driver, cidrs) in self.ipam.items()
+                if driver == ipam_driver and name in self.networks for cidr in cidrs}
 
     def remove_network(self, network_id: str) -> None:
         self.networks = {n: v for n, v in self.networks.items() if v[0] != network_id}
