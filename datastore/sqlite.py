@@ -16,6 +16,7 @@ from typing import Any
 from datastore.base import (
     AlreadyExists,
     Datastore,
+    DatastoreError,
     DatastoreUnavailable,
     Entry,
     Event,
@@ -43,6 +44,14 @@ def _prefix_upper_bound(prefix: str) -> str:
     return prefix + "\U0010ffff"
 
 
+def _error(path: str, exc: sqlite3.DatabaseError) -> DatastoreError:
+    """Locked or busy (another process): unavailable for now; anything else (not a
+    database, corrupt): an error that retrying will not fix."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return DatastoreUnavailable(f"sqlite datastore {path}: {exc}")
+    return DatastoreError(f"sqlite datastore {path} is not usable: {exc}")
+
+
 class SqliteDatastore(Datastore):
     def __init__(self, path: str, busy_timeout: float = 10.0) -> None:
         self.path = path
@@ -51,9 +60,12 @@ class SqliteDatastore(Datastore):
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        conn = self._conn()
-        with conn:
-            conn.executescript(SCHEMA)
+        try:
+            conn = self._conn()
+            with conn:
+                conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise _error(path, exc) from exc
 
     def _conn(self) -> sqlite3.Connection:
         # One connection per thread (and per process: the pid guards fork).
@@ -74,8 +86,8 @@ class SqliteDatastore(Datastore):
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise DatastoreUnavailable(f"sqlite datastore {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise _error(self.path, exc) from exc
         try:
             row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
             current = row[0] if row else None
@@ -123,8 +135,8 @@ class SqliteDatastore(Datastore):
     def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
         try:
             return self._conn().execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise DatastoreUnavailable(f"sqlite datastore {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise _error(self.path, exc) from exc
 
     def get(self, key: str) -> Entry | None:
         rows = self._read("SELECT key, value, revision FROM kv WHERE key = ?", (key,))

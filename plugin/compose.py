@@ -28,6 +28,7 @@ def open_datastore(settings: Settings) -> Datastore:
         return EtcdDatastore(
             list(settings.etcd_endpoints), ca_cert=settings.etcd_ca_cert,
             cert_file=settings.etcd_cert_file, key_file=settings.etcd_key_file,
+            timeout=settings.etcd_timeout,
         )
     from datastore.sqlite import SqliteDatastore
 

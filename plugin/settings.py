@@ -33,6 +33,7 @@ class Settings:
     etcd_ca_cert: str | None = None
     etcd_cert_file: str | None = None
     etcd_key_file: str | None = None
+    etcd_timeout: float = 4.0
     plugin_dir: str = DEFAULT_PLUGIN_DIR
     network_driver_name: str = "calico"
     ipam_driver_name: str = "calico-ipam"
@@ -103,6 +104,8 @@ class Settings:
             raise InvalidRequest("network prefix for IPv6 must be between 48 and 126")
         if self.workers < 1 or self.threads < 1:
             raise InvalidRequest("workers and threads must be at least 1")
+        if not 0 < self.etcd_timeout <= 60:
+            raise InvalidRequest("etcd timeout must be between 0 and 60 seconds")
         if self.resync_interval <= 0:
             raise InvalidRequest("resync interval must be positive")
         if self.stale_grace < 0:
@@ -183,6 +186,7 @@ ENVIRONMENT = {
     "etcd_ca_cert": "ETCD_CA_CERT_FILE",
     "etcd_cert_file": "ETCD_CERT_FILE",
     "etcd_key_file": "ETCD_KEY_FILE",
+    "etcd_timeout": "CALICO_CNM_ETCD_TIMEOUT",
     "plugin_dir": "CALICO_CNM_PLUGIN_DIR",
     "network_driver_name": "CALICO_CNM_NETWORK_DRIVER_NAME",
     "ipam_driver_name": "CALICO_CNM_IPAM_DRIVER_NAME",
@@ -218,6 +222,8 @@ HELP = {
     "etcd_ca_cert": "CA certificate for etcd TLS",
     "etcd_cert_file": "client certificate for etcd TLS",
     "etcd_key_file": "client key for etcd TLS",
+    "etcd_timeout": "seconds a datastore call waits for etcd before it fails (default 4, so "
+    "that a driver call answers within Docker's patience and 5 s)",
     "plugin_dir": f"where the plugin sockets go (default {DEFAULT_PLUGIN_DIR})",
     "network_driver_name": "network driver name, i.e. the socket's name (default calico)",
     "ipam_driver_name": "IPAM driver name (default calico-ipam)",
