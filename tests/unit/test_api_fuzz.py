@@ -70,7 +70,7 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> Plugin:
 def test_generated_bodies_get_json_errors_and_change_nothing_when_refused(
         plugin: Plugin, method: str) -> None:
     @given(bodies(method))
-    @settings(max_examples=250, deadline=None,
+    @settings(max_examples=150, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture,
                                      HealthCheck.too_slow])
     def check(body: bytes) -> None:

@@ -29,7 +29,7 @@ operations = st.lists(st.one_of(
 
 
 @given(operations)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_a_block_never_hands_out_an_address_twice_and_matches_a_model(ops):
     block = AllocationBlock(BLOCK, "h1")
     model: dict[int, str | None] = {}  # offset -> handle
