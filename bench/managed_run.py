@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.docker_run import CLI, docker, plugin_answers, start_plugin, time_run  # noqa: E402
-from bench.sections import BENCHMARKS, write_section  # noqa: E402
+from bench.sections import publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = "calico/cnm:bench"
@@ -126,12 +126,7 @@ def main() -> int:
         "code is the same; the managed plugin's calls go through the same socket "
         "protocol, from a runc container in the host's network namespace.",
     ]
-    text = "\n".join(lines) + "\n"
-    print()
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
-        print(f"wrote {SECTION!r} in {BENCHMARKS}")
+    publish(SECTION, "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sections import BENCHMARKS, write_section  # noqa: E402
+from bench.sections import publish  # noqa: E402
 from datastore.base import dumps  # noqa: E402
 from datastore.sqlite import SqliteDatastore  # noqa: E402
 from driver.records import EndpointRecord, NetworkRecord, Subnet, endpoint_key, network_key  # noqa: E402
@@ -170,12 +170,7 @@ def main() -> int:
     lines += ["", "The children are the workers and the agent (all forked from the master "
               "after it imported the project, so code pages are shared). gRPC and the "
               "etcd client are imported only with etcd."]
-    text = "\n".join(lines) + "\n"
-    print()
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
-        print(f"wrote {SECTION!r} in {BENCHMARKS}")
+    publish(SECTION, "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 
 

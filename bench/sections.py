@@ -19,3 +19,12 @@ def write_section(heading: str, text: str, path: Path = BENCHMARKS) -> None:
     else:
         content = content.rstrip("\n") + "\n\n" + text
     path.write_text(content.rstrip("\n") + "\n")
+
+
+def publish(heading: str, text: str, write: bool, path: Path = BENCHMARKS) -> None:
+    """Prints a benchmark's section and, if write, puts it in BENCHMARKS.md."""
+    print()
+    print(text)
+    if write:
+        write_section(heading, text, path)
+        print(f"wrote {heading!r} in {path}")

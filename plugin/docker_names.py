@@ -76,12 +76,13 @@ class DockerNetworks(DockerNames):
         return docker.APIClient(base_url=self._base_url, version=API_VERSION,
                                 timeout=self._timeout)
 
-    def network_names(self) -> set[str] | None:
-        """Every network name this Docker has, or None when it does not answer."""
+    def _networks(self) -> list[dict[str, Any]] | None:
+        """Every network of this Docker (as GET /networks lists them), or None when
+        Docker does not answer."""
         try:
             client = self._client()
             try:
-                return {str(n["Name"]) for n in client.networks()}
+                return list(client.networks())
             finally:
                 client.close()
         except (docker.errors.DockerException, requests.exceptions.RequestException,
@@ -89,18 +90,16 @@ class DockerNetworks(DockerNames):
             log.debug("listing networks failed: %s", exc)
             return None
 
+    def network_names(self) -> set[str] | None:
+        """Every network name this Docker has, or None when it does not answer."""
+        networks = self._networks()
+        return None if networks is None else {str(n["Name"]) for n in networks}
+
     def ipam_subnets(self, ipam_driver: str) -> set[str] | None:
         """The subnets of every network of this Docker whose IPAM driver is
         ipam_driver (of any network driver), or None when Docker does not answer."""
-        try:
-            client = self._client()
-            try:
-                networks = client.networks()
-            finally:
-                client.close()
-        except (docker.errors.DockerException, requests.exceptions.RequestException,
-                OSError) as exc:
-            log.debug("listing networks failed: %s", exc)
+        networks = self._networks()
+        if networks is None:
             return None
         subnets = set()
         for network in networks:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_properties import JSON
 from tests.unit.test_protocol import FIXTURES, NETWORK_ID, Plugin, _network
 
 RECORDED: dict[str, list[dict[str, Any]]] = {}
@@ -27,13 +28,6 @@ METHODS = sorted({*RECORDED, "NetworkDriver.GetCapabilities", "IpamDriver.GetCap
                   "NetworkDriver.AllocateNetwork", "Plugin.Activate",
                   "AuthZPlugin.AuthZReq"})
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=16),
-                                                                inner, max_size=5),
-    max_leaves=16,
-)
 # Values that look like what the fields hold, to get past type checks.
 PLAUSIBLE = st.one_of(JSON, st.sampled_from([
     "", "10.98.0.0/24", "10.98.0.300/24", "fd00::/200", "10.98.0.5", "10.98.0.5/24",
