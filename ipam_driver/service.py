@@ -808,6 +808,19 @@ class IpamService:
         result.sort(key=lambda a: (IPAddress(a.address).version, int(IPAddress(a.address))))
         return result
 
+    @_store_errors
+    def unbound_addresses(self) -> list[tuple[str, str]]:
+        """(address, subnet) of every address this host requested that no endpoint
+        holds yet: no handle, kind container or aux (not gateways)."""
+        return [
+            (str(ip), str(record.attrs["subnet"]))
+            for _entry, block in self._all_blocks()
+            for ip, record in block.allocations()
+            if record.handle is None and record.attrs.get("subnet")
+            and record.attrs.get("requested_by") == self.hostname
+            and record.attrs.get("kind", KIND_CONTAINER) in (KIND_CONTAINER, KIND_AUX)
+        ]
+
     # =============================================================== internal
 
     def _attempts(self, what: str) -> Iterator[int]:

@@ -29,7 +29,12 @@ from driver.records import ENDPOINTS, NETWORKS
 from driver.service import NetworkService
 from plugin.compose import build_ipam, build_network_service, host_netlink
 from plugin.docker_names import DockerNames, DockerNetworks
-from plugin.garbage import NetworkState, OrphanSubnetCollector, StaleCollector
+from plugin.garbage import (
+    NetworkState,
+    OrphanAddressCollector,
+    OrphanSubnetCollector,
+    StaleCollector,
+)
 from plugin.metrics import MeteredDatastore, metrics_for
 from plugin.network_sync import NetworkSync
 from plugin.policy import HostPolicy, policy_settings
@@ -80,6 +85,9 @@ class Agent:
         self._orphan_subnets = OrphanSubnetCollector(
             self._ipam, self._networks, settings.hostname,
             lambda: docker_networks.ipam_subnets(settings.docker_drivers[1]), grace)
+        self._orphan_addresses = OrphanAddressCollector(
+            self._ipam, self._networks, settings.hostname,
+            lambda: docker_networks.ipam_addresses(settings.docker_drivers[1]), grace)
         self._collector = StaleCollector(
             store, self._networks, settings.hostname,
             network_state or DockerNames(settings.docker_host).network_state,
@@ -215,6 +223,7 @@ class Agent:
             self.register_node,
             lambda: self._collector.collect(time.monotonic()),
             lambda: self._orphan_subnets.collect(time.monotonic()),
+            lambda: self._orphan_addresses.collect(time.monotonic()),
             self._networks.resolve_pending_networks,
             self.request_network_sync,
             self.reconcile_routes,

@@ -110,6 +110,37 @@ class DockerNetworks(DockerNames):
                            if c.get("Subnet"))
         return subnets
 
+    def ipam_addresses(self, ipam_driver: str) -> set[str] | None:
+        """The addresses this Docker holds from ipam_driver: its networks' endpoints
+        and auxiliary addresses (any network driver), or None when it does not answer."""
+        networks = self._networks()
+        if networks is None:
+            return None
+        held: set[str] = set()
+        client = self._client()
+        try:
+            for listed in networks:
+                if (listed.get("IPAM") or {}).get("Driver") != ipam_driver:
+                    continue
+                try:
+                    network = client.inspect_network(listed["Id"])
+                except docker.errors.NotFound:
+                    continue  # removed meanwhile
+                for config in (network.get("IPAM") or {}).get("Config") or []:
+                    held.update(str(a) for a in (config.get("AuxiliaryAddresses") or {})
+                                .values())
+                for endpoint in (network.get("Containers") or {}).values():
+                    for key in ("IPv4Address", "IPv6Address"):
+                        if endpoint.get(key):
+                            held.add(str(endpoint[key]).split("/")[0])
+        except (docker.errors.DockerException, requests.exceptions.RequestException,
+                OSError) as exc:
+            log.debug("inspecting networks failed: %s", exc)
+            return None
+        finally:
+            client.close()
+        return held
+
     def create_network(self, spec: NetworkSpec, driver: str, ipam_driver: str) -> str:
         pools = []
         for subnet in (spec.ipv4, spec.ipv6):

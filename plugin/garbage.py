@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from datastore.base import Datastore
+from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
 from driver.service import NetworkService
 from ipam_driver.service import IpamService
@@ -135,5 +136,55 @@ class OrphanSubnetCollector:
                         "here%s", rec.cidr,
                         f" (and {len(freed)} address(es) left in it)" if freed else "")
             released.append(rec.cidr)
+        self._suspects = suspects
+        return released
+
+
+class OrphanAddressCollector:
+    """Releases addresses this host requested that no endpoint came for: RequestAddress
+    whose CreateEndpoint never arrived (the plugin or dockerd killed between them).
+    An address is released when it has no handle, no endpoint record of this host has
+    it, and this host's Docker holds it neither as an endpoint's nor as a network's
+    auxiliary address; seen so twice, `grace` apart. Never while Docker does not
+    answer."""
+
+    def __init__(self, ipam: IpamService, networks: NetworkService, hostname: str,
+                 docker_addresses: Callable[[], set[str] | None], grace: float) -> None:
+        self._ipam = ipam
+        self._networks = networks
+        self._hostname = hostname
+        self._docker_addresses = docker_addresses
+        self._grace = grace
+        self._suspects: dict[tuple[str, str], float] = {}
+
+    def collect(self, now: float) -> list[str]:
+        """One pass; returns the addresses released."""
+        held = self._docker_addresses()
+        if held is None:
+            return []
+        try:
+            endpoints = self._networks.list_endpoints(self._hostname)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # An unreadable endpoint record might hold any address: judge none.
+            log.debug("addresses not checked: an endpoint record is unreadable (%s)", exc)
+            return []
+        held |= {address for e in endpoints for address in e.addresses}
+        released: list[str] = []
+        suspects: dict[tuple[str, str], float] = {}
+        for address, subnet in self._ipam.unbound_addresses():
+            if address in held:
+                continue
+            first = self._suspects.get((address, subnet))
+            if first is None or now - first < self._grace:
+                suspects[(address, subnet)] = now if first is None else first
+                continue
+            try:
+                self._ipam.release_address(subnet, address)
+            except CalicoCnmError as exc:  # released or re-tied meanwhile
+                log.debug("address %s stays: %s", address, exc)
+                continue
+            log.warning("released address %s of subnet %s: requested by this host, but "
+                        "no container came for it", address, subnet)
+            released.append(address)
         self._suspects = suspects
         return released

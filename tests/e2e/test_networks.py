@@ -280,3 +280,31 @@ def test_a_subnet_reserved_without_a_network_is_released_and_ones_in_use_stay(
         assert used in reservations()
     finally:
         docker("network", "rm", bridged)
+
+
+def test_an_address_no_container_came_for_is_released_and_held_ones_stay(
+        stack: Stack) -> None:
+    """RequestAddress with no CreateEndpoint after it (made by hand on the IPAM socket,
+    as a kill between the two leaves it); a container's and an aux address stay."""
+    pool = "10.214.0.0/24"
+    stack.plugin.cli("pool", "add", pool)
+    try:
+        net = stack.network("--subnet", pool, "--aux-address", "router=10.214.0.250")
+        running = stack.container(net)
+        status, reply = post_unix(stack.plugin.sockets[1], "/IpamDriver.RequestAddress",
+                                  json.dumps({"PoolID": pool, "Address": ""}).encode())
+        assert status == 200, reply
+        lost = reply["Address"].split("/")[0]
+
+        def allocated() -> set[str]:
+            return {a["address"] for a in
+                    json.loads(stack.plugin.cli("ipam", "show", "-o", "json").stdout)}
+
+        assert lost in allocated()
+        assert wait_for(lambda: lost not in allocated(), timeout=30)
+        assert {stack.address(running, net), "10.214.0.250", "10.214.0.1"} <= allocated()
+    finally:
+        stack.cleanup()
+        stack.containers.clear()
+        stack.networks.clear()
+        stack.plugin.cli("pool", "remove", pool)

@@ -16,6 +16,7 @@ class FakeDockerNetworks:
         self.answering = True
         # name -> (IPAM driver, subnets) of networks made by create_network or add().
         self.ipam: dict[str, tuple[str, set[str]]] = {}
+        self.held_addresses: set[str] = set()
 
     def network_names(self) -> set[str] | None:
         return set(self.networks) if self.answering else None
@@ -34,6 +35,10 @@ class FakeDockerNetworks:
         self.networks[name] = (network_id, None)
         self.ipam[name] = (ipam_driver, set(subnets))
         return network_id
+
+    def ipam_addresses(self, ipam_driver: str) -> set[str] | None:
+        """Endpoint and aux addresses this Docker holds (set by the test)."""
+        return set(self.held_addresses) if self.answering else None
 
     def ipam_subnets(self, ipam_driver: str) -> set[str] | None:
         if not self.answering:
