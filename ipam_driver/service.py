@@ -809,14 +809,14 @@ class IpamService:
         return result
 
     @_store_errors
-    def unbound_addresses(self) -> list[tuple[str, str]]:
-        """(address, subnet) of every address this host requested that no endpoint
-        holds yet: no handle, kind container or aux (not gateways)."""
+    def requested_here(self) -> list[tuple[str, str, str | None]]:
+        """(address, subnet, handle) of every container or aux address this host
+        requested (not gateways); the handle is the endpoint ID, None before one."""
         return [
-            (str(ip), str(record.attrs["subnet"]))
+            (str(ip), str(record.attrs["subnet"]), record.handle)
             for _entry, block in self._all_blocks()
             for ip, record in block.allocations()
-            if record.handle is None and record.attrs.get("subnet")
+            if record.attrs.get("subnet")
             and record.attrs.get("requested_by") == self.hostname
             and record.attrs.get("kind", KIND_CONTAINER) in (KIND_CONTAINER, KIND_AUX)
         ]

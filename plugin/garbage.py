@@ -141,12 +141,13 @@ class OrphanSubnetCollector:
 
 
 class OrphanAddressCollector:
-    """Releases addresses this host requested that no endpoint came for: RequestAddress
-    whose CreateEndpoint never arrived (the plugin or dockerd killed between them).
-    An address is released when it has no handle, no endpoint record of this host has
-    it, and this host's Docker holds it neither as an endpoint's nor as a network's
-    auxiliary address; seen so twice, `grace` apart. Never while Docker does not
-    answer."""
+    """Releases addresses this host requested that no endpoint holds: RequestAddress
+    whose CreateEndpoint never came, or DeleteEndpoint whose ReleaseAddress never came
+    (the plugin or dockerd killed between them). An address is released when its
+    handle names no endpoint record of this host (or it has none), no endpoint record
+    of this host has it, and this host's Docker holds it neither as an endpoint's nor
+    as a network's auxiliary address; seen so twice, `grace` apart, with the same
+    handle. Never while Docker does not answer."""
 
     def __init__(self, ipam: IpamService, networks: NetworkService, hostname: str,
                  docker_addresses: Callable[[], set[str] | None], grace: float) -> None:
@@ -155,7 +156,7 @@ class OrphanAddressCollector:
         self._hostname = hostname
         self._docker_addresses = docker_addresses
         self._grace = grace
-        self._suspects: dict[tuple[str, str], float] = {}
+        self._suspects: dict[tuple[str, str, str | None], float] = {}
 
     def collect(self, now: float) -> list[str]:
         """One pass; returns the addresses released."""
@@ -169,14 +170,16 @@ class OrphanAddressCollector:
             log.debug("addresses not checked: an endpoint record is unreadable (%s)", exc)
             return []
         held |= {address for e in endpoints for address in e.addresses}
+        endpoint_ids = {e.id for e in endpoints}
         released: list[str] = []
-        suspects: dict[tuple[str, str], float] = {}
-        for address, subnet in self._ipam.unbound_addresses():
-            if address in held:
+        suspects: dict[tuple[str, str, str | None], float] = {}
+        for address, subnet, handle in self._ipam.requested_here():
+            if address in held or handle in endpoint_ids:
                 continue
-            first = self._suspects.get((address, subnet))
+            key = (address, subnet, handle)
+            first = self._suspects.get(key)
             if first is None or now - first < self._grace:
-                suspects[(address, subnet)] = now if first is None else first
+                suspects[key] = now if first is None else first
                 continue
             try:
                 self._ipam.release_address(subnet, address)

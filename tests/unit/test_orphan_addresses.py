@@ -87,3 +87,17 @@ def test_an_address_tied_to_an_endpoint_between_sightings_stays(setup):
         "Interface": {"Address": f"{address}/24"}, "Options": {}})
     assert setup.collector.collect(GRACE) == []
     assert address in setup.allocated()
+
+
+def test_an_address_whose_endpoint_went_without_its_release_is_released(setup):
+    address = setup.request(setup.h1)
+    setup.h1.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": "n" * 64, "EndpointID": "e" * 64,
+        "Interface": {"Address": f"{address}/24"}, "Options": {}})
+    # DeleteEndpoint, then the plugin killed before dockerd's ReleaseAddress.
+    setup.h1.call("NetworkDriver.DeleteEndpoint", {"NetworkID": "n" * 64,
+                                                   "EndpointID": "e" * 64})
+    assert address in setup.allocated()
+    setup.collector.collect(0.0)
+    assert setup.collector.collect(GRACE) == [address]
+    assert setup.allocated() == {"10.99.0.1"}
