@@ -50,8 +50,21 @@ def _ours(address: str) -> bool:
 def test_life_cycles_under_random_plugin_kills_leave_no_duplicate_and_no_leak(
         cluster: Cluster, stack: Stack) -> None:
     h1 = cluster.host("h1")
-    if POOL not in h1.cli("pool", "show").stdout:
+    added = POOL not in h1.cli("pool", "show").stdout
+    if added:
         h1.cli("pool", "add", POOL, "--vxlan-mode", "cross-subnet")
+    try:
+        _chaos(cluster, stack, h1)
+    finally:
+        stack.cleanup()
+        if added:  # later tests expect no VXLAN pool, hence no vxlan.calico
+            h1.cli("pool", "remove", POOL)
+            for host in cluster.hosts:
+                assert wait_for(lambda h=host: "vxlan.calico" not in h.links(),
+                                timeout=20), host.name
+
+
+def _chaos(cluster: Cluster, stack: Stack, h1: Host) -> None:
     network = stack.network(h1, "--subnet", SUBNET)
     side = stack.network(h1, "--subnet", SIDE_SUBNET)
     for host in cluster.hosts:
