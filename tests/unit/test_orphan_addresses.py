@@ -10,24 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from datastore.sqlite import SqliteDatastore
 from plugin.garbage import OrphanAddressCollector
-from tests.unit.fake_docker import FakeDockerNetworks
 from tests.unit.test_cluster_networks import Host
+from tests.unit.test_orphan_subnets import Cluster
 
 GRACE = 30.0
 SUBNET = "10.99.0.0/24"
 
 
-class Setup:
+class Setup(Cluster):
+    """Two hosts on one store, h1 with network web; the address collector of h1."""
+
     def __init__(self, tmp_path: Path) -> None:
-        path = str(tmp_path / "state.db")
-        store = SqliteDatastore(path)
-        self.h1, self.h2 = Host("h1", store, path), Host("h2", store, path)
-        self.ipam = self.h1.app.extensions["calico_cnm.ipam"]
-        self.ipam.add_pool("10.96.0.0/12")
+        super().__init__(tmp_path)
         self.h1.network("n" * 64, "web", SUBNET)  # with its gateway
-        self.docker = FakeDockerNetworks()
         self.collector = OrphanAddressCollector(
             self.ipam, self.h1.service, "h1",
             lambda: self.docker.ipam_addresses("calico-ipam"), GRACE)
