@@ -56,12 +56,10 @@ def _names_this_plugin(name: str, reference: str) -> bool:
     return with_tag == reference
 
 
-def _refusal(service: NetworkService, plugin_reference: str | None, method: object,
-             uri: object) -> str:
-    reference = network_removed_by(method, uri)
-    if reference is not None:
-        return service.removal_refusal(reference)
-    plugin = plugin_disabled_by(method, uri)
+def _refusal(service: NetworkService, plugin_reference: str | None,
+             network: str | None, plugin: str | None) -> str:
+    if network is not None:
+        return service.removal_refusal(network)
     if plugin is not None and plugin_reference and _names_this_plugin(plugin, plugin_reference):
         return service.disable_refusal(plugin_reference)
     return ""
@@ -70,13 +68,14 @@ def _refusal(service: NetworkService, plugin_reference: str | None, method: obje
 @authz_blueprint.post("/AuthZPlugin.AuthZReq")
 def authorize_request() -> ResponseReturnValue:
     method, uri = g.body.get("RequestMethod"), g.body.get("RequestUri")
-    if network_removed_by(method, uri) is None and plugin_disabled_by(method, uri) is None:
+    network, plugin = network_removed_by(method, uri), plugin_disabled_by(method, uri)
+    if network is None and plugin is None:
         return jsonify({"Allow": True})
     service: NetworkService = current_app.extensions["calico_cnm.network"]
     # The managed plugin's own name (None for the legacy plugin), set by the app.
     reference = current_app.extensions.get("calico_cnm.plugin_reference")
     try:
-        refusal = _refusal(service, reference, method, uri)
+        refusal = _refusal(service, reference, network, plugin)
     except DatastoreError as exc:
         # Going ahead now could leave records behind on every host: refuse.
         refusal = (f"calico-cnm cannot tell whether {urlsplit(str(uri)).path!r} is "

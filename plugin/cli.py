@@ -73,11 +73,11 @@ def cmd_pool_show(settings: Settings, store: Datastore, args: argparse.Namespace
 
 def subnet_reservations(settings: Settings, store: Datastore) -> list[dict[str, Any]]:
     """Every subnet reservation with the networks (by host) that have its subnet."""
-    networks = build_network_service(settings, store, build_ipam(settings, store)
-                                     ).list_networks()
+    ipam = build_ipam(settings, store)
+    networks = build_network_service(settings, store, ipam).list_networks()
     rows: list[dict[str, Any]] = []
     now = time.time()
-    for _, rec in build_ipam(settings, store).reservations():
+    for _, rec in ipam.reservations():
         owners = sorted(f"{n.name or n.id[:12]}@{n.hostname or '?'}" for n in networks
                         if rec.cidr in n.subnets)
         rows.append({

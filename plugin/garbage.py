@@ -12,7 +12,7 @@ Docker does not answer, nothing is removed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from datastore.base import Datastore
 from datastore.errors import CalicoCnmError
@@ -26,6 +26,29 @@ log = logging.getLogger(__name__)
 NetworkState = Callable[[str], "tuple[bool, frozenset[str]] | None"]
 
 
+class Sightings:
+    """Things suspected in one pass: one is confirmed when a later pass sees it again,
+    in the same state (a revision, say), at least `grace` seconds after the first."""
+
+    def __init__(self, grace: float) -> None:
+        self._grace = grace
+        self._first: dict[Hashable, tuple[Hashable, float]] = {}
+        self._seen: set[Hashable] = set()
+
+    def confirmed(self, key: Hashable, state: Hashable, now: float) -> bool:
+        self._seen.add(key)
+        first = self._first.get(key)
+        if first is None or first[0] != state:
+            self._first[key] = (state, now)
+            return False
+        return now - first[1] >= self._grace
+
+    def end_pass(self) -> None:
+        """Forgets what this pass did not see (it is no longer suspect)."""
+        self._first = {k: v for k, v in self._first.items() if k in self._seen}
+        self._seen = set()
+
+
 class StaleCollector:
     def __init__(self, store: Datastore, networks: NetworkService, hostname: str,
                  network_state: NetworkState, grace: float) -> None:
@@ -33,22 +56,11 @@ class StaleCollector:
         self._networks = networks
         self._hostname = hostname
         self._network_state = network_state
-        self._grace = grace
-        # key -> (revision, when first seen stale)
-        self._suspects: dict[str, tuple[int, float]] = {}
-
-    def _confirmed(self, key: str, revision: int, now: float, stale: set[str]) -> bool:
-        stale.add(key)
-        seen = self._suspects.get(key)
-        if seen is None or seen[0] != revision:
-            self._suspects[key] = (revision, now)
-            return False
-        return now - seen[1] >= self._grace
+        self._sightings = Sightings(grace)  # record key, at its revision
 
     def collect(self, now: float) -> list[str]:
         """One pass; returns the IDs of the endpoints and networks it removed."""
         removed: list[str] = []
-        stale: set[str] = set()
         states: dict[str, tuple[bool, frozenset[str]] | None] = {}
 
         def state(network_id: str) -> tuple[bool, frozenset[str]] | None:
@@ -64,7 +76,7 @@ class StaleCollector:
             known = state(record.network_id)
             if known is None or record.id in known[1]:
                 continue
-            if self._confirmed(entry.key, entry.revision, now, stale):
+            if self._sightings.confirmed(entry.key, entry.revision, now):
                 log.warning("endpoint %s is gone from Docker; cleaning it up", record.id[:12])
                 self._networks.remove_stale_endpoint(record.id)
                 removed.append(record.id)
@@ -78,12 +90,12 @@ class StaleCollector:
             known = state(network.id)
             if known is None or known[0]:
                 continue
-            if (self._confirmed(entry.key, entry.revision, now, stale)
+            if (self._sightings.confirmed(entry.key, entry.revision, now)
                     and self._networks.remove_stale_network(network.id)):
                 log.warning("network %s is gone from Docker; removed its record",
                             network.id[:12])
                 removed.append(network.id)
-        self._suspects = {k: v for k, v in self._suspects.items() if k in stale}
+        self._sightings.end_pass()
         return removed
 
 
@@ -102,8 +114,7 @@ class OrphanSubnetCollector:
         self._networks = networks
         self._hostname = hostname
         self._docker_subnets = docker_subnets
-        self._grace = grace
-        self._suspects: dict[str, tuple[int, float]] = {}
+        self._sightings = Sightings(grace)  # subnet, at its record's revision
 
     def collect(self, now: float) -> list[str]:
         """One pass; returns the subnets this host gave up."""
@@ -120,23 +131,17 @@ class OrphanSubnetCollector:
         owned = {cidr for n in networks
                  if n.hostname in ("", self._hostname) for cidr in n.subnets if cidr}
         released: list[str] = []
-        suspects: dict[str, tuple[int, float]] = {}
         for revision, rec in self._ipam.reservations():
             if self._hostname not in rec.hosts or rec.cidr in owned or rec.cidr in used:
                 continue
-            seen = self._suspects.get(rec.cidr)
-            if seen is None or seen[0] != revision:
-                suspects[rec.cidr] = (revision, now)
-                continue
-            if now - seen[1] < self._grace:
-                suspects[rec.cidr] = seen
+            if not self._sightings.confirmed(rec.cidr, revision, now):
                 continue
             freed = self._ipam.release_pool(rec.cidr)
             log.warning("released subnet %s: reserved by this host but used by no network "
                         "here%s", rec.cidr,
                         f" (and {len(freed)} address(es) left in it)" if freed else "")
             released.append(rec.cidr)
-        self._suspects = suspects
+        self._sightings.end_pass()
         return released
 
 
@@ -155,8 +160,7 @@ class OrphanAddressCollector:
         self._networks = networks
         self._hostname = hostname
         self._docker_addresses = docker_addresses
-        self._grace = grace
-        self._suspects: dict[tuple[str, str, str | None], float] = {}
+        self._sightings = Sightings(grace)  # (address, subnet), with its handle
 
     def collect(self, now: float) -> list[str]:
         """One pass; returns the addresses released."""
@@ -172,14 +176,10 @@ class OrphanAddressCollector:
         held |= {address for e in endpoints for address in e.addresses}
         endpoint_ids = {e.id for e in endpoints}
         released: list[str] = []
-        suspects: dict[tuple[str, str, str | None], float] = {}
         for address, subnet, handle in self._ipam.requested_here():
             if address in held or handle in endpoint_ids:
                 continue
-            key = (address, subnet, handle)
-            first = self._suspects.get(key)
-            if first is None or now - first < self._grace:
-                suspects[key] = now if first is None else first
+            if not self._sightings.confirmed((address, subnet), handle, now):
                 continue
             try:
                 self._ipam.release_address(subnet, address)
@@ -189,5 +189,5 @@ class OrphanAddressCollector:
             log.warning("released address %s of subnet %s: requested by this host, but "
                         "no container came for it", address, subnet)
             released.append(address)
-        self._suspects = suspects
+        self._sightings.end_pass()
         return released
