@@ -77,7 +77,8 @@ if str(REPO) not in sys.path:
 from bench.sections import BENCHMARKS, write_section  # noqa: E402
 from datastore.base import ROOT, STATUS_ROOT  # noqa: E402
 from driver.records import ENDPOINTS, NETWORKS  # noqa: E402
-from ipam_driver.service import BLOCKS_PREFIX, POOLS_KEY  # noqa: E402
+from ipam_driver.block_store import BLOCKS_PREFIX  # noqa: E402
+from ipam_driver.service import POOLS_KEY  # noqa: E402
 from profiles.store import PROFILES  # noqa: E402
 from routing.bgp_store import BGP, CONFIG_KEY  # noqa: E402
 from routing.nodes import NODE_STATUS, NODES  # noqa: E402

@@ -2,9 +2,12 @@
 
 Every operation is read -> decide (pure code in ``pools`` / ``blocks``) ->
 compare-and-swap write, retried from the read when another writer got there
-first (bounded by ``max_attempts``; then Unavailable). Nothing is cached in
-memory (except one flag: "this store has no legacy subnets document"), so any
-number of workers, processes and hosts may share one datastore.
+first (bounded by ``max_attempts``; then Unavailable). What is cached in
+memory is only ever used as the expected revision of a compare-and-swap, or
+checked afterwards (the reservation of an allocation is re-read after it, see
+below), so any number of workers, processes and hosts may share one datastore:
+this host's blocks (``block_store``), settled reservations by pool id, and one
+flag ("this store has no legacy subnets document").
 
 Datastore keys (all under ``datastore.base.ROOT``, values JSON):
 
@@ -22,14 +25,13 @@ Datastore keys (all under ``datastore.base.ROOT``, values JSON):
 ``ipam/subnets`` (legacy)
     The single document ``{"subnets": {cidr: reservation}}`` of earlier
     versions; moved to per-subnet keys and deleted on first use (Migration).
-``ipam/blocks/<cidr with "/" as "-">``
-    One AllocationBlock per claimed cell of a pool's block grid, e.g.
-    ``ipam/blocks/10.0.1.64-26``. The block record holds its affinity host, so
-    claiming a block is a single ``create`` (no separate affinity key that
-    could disagree with it); a host's blocks are the blocks naming it. A block
-    whose last address is released is deleted (its affinity goes with it).
-    Every address records its reservation id; a gateway also records the
-    hosts using it (``hosts``).
+``ipam/blocks/<cidr>`` and ``ipam/affinity/<host>/<cidr>``
+    The allocation blocks (one per claimed cell of a pool's grid, e.g.
+    ``ipam/blocks/10.0.1.64-26``) and the affinity index beside them: see
+    ``ipam_driver.block_store``, which also holds the allocation hot path and
+    this process's cached view of its host's blocks. A block whose last address
+    is released is deleted (its affinity goes with it). Every address records
+    its reservation id; a gateway also records the hosts using it (``hosts``).
 
 Races and why they are safe:
 
@@ -118,7 +120,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from netaddr import IPAddress, IPNetwork, IPSet
+from netaddr import IPAddress, IPNetwork
 
 from datastore.base import (
     ROOT,
@@ -132,6 +134,10 @@ from datastore.base import (
     unavailable_as_error,
 )
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from ipam_driver.block_store import (
+    BlockStore,
+    block_key,
+)
 from ipam_driver.blocks import AddressAllocation, AddressInUse, AllocationBlock
 from ipam_driver.pools import (
     ADD_POOL_HINT,
@@ -153,8 +159,6 @@ POOLS_KEY = ROOT + "pools"
 SUBNETS_PREFIX = ROOT + "ipam/subnets/"
 # The single subnets document of earlier versions: read once, to migrate it.
 LEGACY_SUBNETS_KEY = ROOT + "ipam/subnets"
-BLOCKS_PREFIX = ROOT + "ipam/blocks/"
-
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
 GATEWAY_ADDRESS_TYPE = "com.docker.network.gateway"
 
@@ -166,9 +170,6 @@ CARVED_OPTION = "calico-cnm.carved"
 KIND_AUX = "aux"
 KIND_CONTAINER = "container"
 
-# Above this many grid blocks in a range, list every block instead of one get per block.
-MAX_BLOCK_GETS = 16
-
 _CAS_ERRORS = (AlreadyExists, RevisionConflict)
 T = TypeVar("T")
 
@@ -177,16 +178,6 @@ Held = tuple[Entry, SubnetReservation]
 
 def subnet_key(cidr: IPNetwork | str) -> str:
     return SUBNETS_PREFIX + str(cidr).replace("/", "-")
-
-def block_key(cidr: IPNetwork | str) -> str:
-    return BLOCKS_PREFIX + str(cidr).replace("/", "-")
-
-
-def block_cidr_from_key(key: str) -> IPNetwork:
-    name = key[len(BLOCKS_PREFIX):]
-    address, _, prefix = name.rpartition("-")
-    return IPNetwork(f"{address}/{prefix}")
-
 
 _store_errors = unavailable_as_error("IPAM")
 
@@ -287,21 +278,6 @@ def _allocation(
     )
 
 
-def _grid_blocks(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
-    """The grid blocks that hold at least one address of allowed, lazily, in order."""
-    last: IPNetwork | None = None
-    for cidr in allowed.iter_cidrs():
-        if cidr.prefixlen >= block_size:
-            block = grid_block(cidr.first, version, block_size)
-            if block != last:
-                last = block
-                yield block
-        else:
-            for block in cidr.subnet(block_size):
-                last = block
-                yield block
-
-
 class IpamService:
     """Pools, network subnets (Docker's IPAM pools), addresses and handles.
 
@@ -331,6 +307,10 @@ class IpamService:
         self.network_prefix = {4: network_prefix_v4, 6: network_prefix_v6}
         self.max_attempts = max(1, max_attempts)
         self._migrated = False
+        self.blocks = BlockStore(store, hostname, self._attempts)
+        # Settled reservations by pool id, for automatic allocations: checked by the
+        # re-read that follows every allocation.
+        self._known_reservations: dict[str, SubnetReservation] = {}
 
     # ================================================================== pools
 
@@ -431,7 +411,7 @@ class IpamService:
         # clear the mark of an earlier removal that was interrupted).
         try:
             self._check_pool_unused(
-                pool, [rec for rec in in_pool if rec.settled], self._blocks_in(pool.network)
+                pool, [rec for rec in in_pool if rec.settled], self.blocks.inside(pool.network)
             )
         except Conflict:
             if pool.deleting:
@@ -452,11 +432,11 @@ class IpamService:
                 in_use.append(rec)
             self._check_pool_unused(pool, in_use, [])
             for _ in self._attempts(f"removing the blocks of pool {pool.cidr}"):
-                blocks = self._blocks_in(pool.network)
+                blocks = self.blocks.inside(pool.network)
                 self._check_pool_unused(pool, [], blocks)
                 try:
-                    for entry, _block in blocks:
-                        self.store.delete(entry.key, entry.revision)
+                    for entry, block in blocks:
+                        self.blocks.delete(entry.key, entry.revision, block.host)
                 except RevisionConflict:
                     continue
                 break
@@ -477,7 +457,7 @@ class IpamService:
         """Every pool with its capacity, allocated addresses, subnets and blocks."""
         pools = self._read_pools()[1].pools
         table = self._settled_table()
-        blocks = [block for _entry, block in self._all_blocks()]
+        blocks = [block for _entry, block in self.blocks.all()]
         usage = []
         for pool in pools:
             net = pool.network
@@ -605,7 +585,7 @@ class IpamService:
                 continue
             break
         freed: list[str] = []
-        for block_entry, _block in self._blocks_overlapping(rec.network, rec.block_size):
+        for block_entry, _block in self.blocks.overlapping(rec.network, rec.block_size):
             freed.extend(self._sweep_block(block_entry.key, rec))
         return freed
 
@@ -613,7 +593,7 @@ class IpamService:
     def get_subnet(self, pool_id: str) -> SubnetInfo:
         """The subnet, ip-range, options, hosts and gateway (if allocated) of a pool id."""
         rec = self._get_reservation(pool_id)[1]
-        blocks = [b for _e, b in self._blocks_overlapping(rec.network, rec.block_size)]
+        blocks = [b for _e, b in self.blocks.overlapping(rec.network, rec.block_size)]
         return self._subnet_info(rec, blocks)
 
     @_store_errors
@@ -630,7 +610,7 @@ class IpamService:
     @_store_errors
     def list_subnets(self) -> list[SubnetInfo]:
         table = self._settled_table()
-        blocks = [block for _entry, block in self._all_blocks()]
+        blocks = [block for _entry, block in self.blocks.all()]
         return [self._subnet_info(rec, blocks) for rec in table.sorted()]
 
     # ============================================================== addresses
@@ -652,6 +632,8 @@ class IpamService:
         """
         opts = {str(k): str(v) for k, v in (options or {}).items()}
         gateway = opts.pop(REQUEST_ADDRESS_TYPE, None) == GATEWAY_ADDRESS_TYPE
+        if not gateway and not address:
+            return self._request_auto(pool_id, opts)
         rec = self._get_reservation(pool_id)[1]
         ip: IPAddress | None = None
         if address:
@@ -666,17 +648,9 @@ class IpamService:
                 return f"{joined}/{rec.network.prefixlen}"
         if gateway and ip is None:
             ip = rec.first_usable()
-        kind = KIND_GATEWAY if gateway else (KIND_AUX if ip is not None else KIND_CONTAINER)
-        attrs: dict[str, Any] = {
-            "kind": kind,
-            "subnet": rec.cidr,
-            "reservation": rec.id,
-            "requested_by": self.hostname,
-        }
+        attrs = self._address_attrs(rec, KIND_GATEWAY if gateway else KIND_AUX, opts)
         if gateway:
             attrs["hosts"] = [self.hostname]
-        if opts:
-            attrs["options"] = opts
         if ip is not None:
             try:
                 self._allocate_specific(rec, ip, attrs)
@@ -693,10 +667,38 @@ class IpamService:
                     raise
                 self._check_still_reserved(rec, joined, undo=False)
                 return f"{joined}/{rec.network.prefixlen}"
-        else:
-            ip = self._allocate_auto(rec, attrs)
         self._check_still_reserved(rec, ip, undo=True)
         return f"{ip}/{rec.network.prefixlen}"
+
+    def _request_auto(self, pool_id: str, opts: dict[str, str], cached: bool = True) -> str:
+        """An automatic container address. The reservation may come from memory: the
+        re-read after the allocation checks it (a stale one is retried fresh, once)."""
+        rec = self._known_reservations.get(pool_id) if cached else None
+        from_memory = rec is not None
+        if rec is None:
+            rec = self._get_reservation(pool_id)[1]
+        ip = self.blocks.allocate_auto(rec, self._address_attrs(rec, KIND_CONTAINER, opts))
+        try:
+            current = self._check_still_reserved(rec, ip, undo=True)
+        except NotFound:
+            self._known_reservations.pop(pool_id, None)
+            if from_memory:
+                return self._request_auto(pool_id, opts, cached=False)
+            raise
+        self._known_reservations[pool_id] = current
+        return f"{ip}/{rec.network.prefixlen}"
+
+    def _address_attrs(self, rec: SubnetReservation, kind: str, opts: dict[str, str]
+                       ) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "kind": kind,
+            "subnet": rec.cidr,
+            "reservation": rec.id,
+            "requested_by": self.hostname,
+        }
+        if opts:
+            attrs["options"] = opts
+        return attrs
 
     @_store_errors
     def release_address(self, pool_id: str, address: str) -> None:
@@ -762,7 +764,7 @@ class IpamService:
     def release_handle(self, handle: str) -> list[str]:
         """Free every address tagged with handle; the addresses freed (maybe none)."""
         freed: list[str] = []
-        for entry, block in self._all_blocks():
+        for entry, block in self.blocks.all():
             if any(record.handle == handle for _ip, record in block.allocations()):
                 freed.extend(self._release_handle_in(entry.key, handle))
         return freed
@@ -779,7 +781,7 @@ class IpamService:
                     and record.attrs.get("kind") != KIND_GATEWAY)
 
         released: list[str] = []
-        for entry, block in self._all_blocks():
+        for entry, block in self.blocks.all():
             owned = block.host == host
             if not owned and not any(gone(ip, r) for ip, r in block.allocations()):
                 continue
@@ -802,7 +804,7 @@ class IpamService:
         """Every allocated address, in address order (IPv4 first)."""
         result = [
             _allocation(ip, record, block)
-            for _entry, block in self._all_blocks()
+            for _entry, block in self.blocks.all()
             for ip, record in block.allocations()
         ]
         result.sort(key=lambda a: (IPAddress(a.address).version, int(IPAddress(a.address))))
@@ -814,7 +816,7 @@ class IpamService:
         requested (not gateways); the handle is the endpoint ID, None before one."""
         return [
             (str(ip), str(record.attrs["subnet"]), record.handle)
-            for _entry, block in self._all_blocks()
+            for _entry, block in self.blocks.all()
             for ip, record in block.allocations()
             if record.attrs.get("subnet")
             and record.attrs.get("requested_by") == self.hostname
@@ -830,14 +832,6 @@ class IpamService:
         if entry is None:
             return self.store.create(key, dumps(data))
         return self.store.update(key, dumps(data), entry.revision)
-
-    def _write_block(self, key: str, entry: Entry | None, block: AllocationBlock) -> None:
-        """CAS-write a block; an empty block is deleted (its affinity released)."""
-        if block.is_empty:
-            if entry is not None:
-                self.store.delete(key, entry.revision)
-            return
-        self._write(key, entry, block.to_dict())
 
     def _read_pools(self) -> tuple[Entry | None, PoolSet]:
         entry = self.store.get(POOLS_KEY)
@@ -919,9 +913,11 @@ class IpamService:
         pool = self._read_pools()[1].containing(net)
         return pool is None or pool.cidr != rec.pool or pool.deleting
 
-    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool) -> None:
+    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool
+                              ) -> SubnetReservation:
         """After an allocation: NotFound (and, with undo, the allocation freed) if the
-        reservation was released meanwhile, since its sweep may have missed it."""
+        reservation was released meanwhile, since its sweep may have missed it; else
+        the reservation as it is now."""
         entry = self.store.get(subnet_key(rec.cidr))
         current = SubnetReservation.from_dict(entry.data) if entry is not None else None
         if current is None or current.id != rec.id:
@@ -931,6 +927,7 @@ class IpamService:
                 f"network subnet {rec.cidr} was released while address {ip} was being "
                 "allocated"
             )
+        return current
 
     # ---------------------------------------------------------------- migration
 
@@ -982,7 +979,7 @@ class IpamService:
     # ---------------------------------------------------------------- gateways
 
     def _find_gateway(self, rec: SubnetReservation) -> IPAddress | None:
-        blocks = [b for _e, b in self._blocks_overlapping(rec.network, rec.block_size)]
+        blocks = [b for _e, b in self.blocks.overlapping(rec.network, rec.block_size)]
         gateway = self._gateway_in(rec, blocks)
         return IPAddress(gateway) if gateway is not None else None
 
@@ -1164,50 +1161,6 @@ class IpamService:
                     return str(ip)
         return None
 
-    # ----------------------------------------------------------- block access
-
-    def _all_blocks(self) -> list[tuple[Entry, AllocationBlock]]:
-        return [
-            (entry, AllocationBlock.from_dict(entry.data))
-            for entry in self.store.list(BLOCKS_PREFIX)
-        ]
-
-    def _blocks_in(self, net: IPNetwork) -> list[tuple[Entry, AllocationBlock]]:
-        """Every existing block inside net (a pool)."""
-        result = []
-        for entry in self.store.list(BLOCKS_PREFIX):
-            cidr = block_cidr_from_key(entry.key)
-            if cidr.version == net.version and cidr in net:
-                result.append((entry, AllocationBlock.from_dict(entry.data)))
-        return result
-
-    def _blocks_overlapping(
-        self, scope: IPNetwork, block_size: int
-    ) -> list[tuple[Entry, AllocationBlock]]:
-        """Existing blocks of the grid that overlap scope, in address order."""
-        count = 2 ** max(0, block_size - scope.prefixlen)
-        entries: list[Entry] = []
-        if count <= MAX_BLOCK_GETS:
-            first = grid_block(scope.first, scope.version, block_size)
-            step = first.size
-            for index in range(count):
-                cidr = grid_block(first.first + index * step, scope.version, block_size)
-                entry = self.store.get(block_key(cidr))
-                if entry is not None:
-                    entries.append(entry)
-        else:
-            for entry in self.store.list(BLOCKS_PREFIX):
-                cidr = block_cidr_from_key(entry.key)
-                if (
-                    cidr.version == scope.version
-                    and cidr.first <= scope.last
-                    and scope.first <= cidr.last
-                ):
-                    entries.append(entry)
-        blocks = [(entry, AllocationBlock.from_dict(entry.data)) for entry in entries]
-        blocks.sort(key=lambda item: item[1].cidr.first)
-        return blocks
-
     # ------------------------------------------------------ address allocation
 
     @staticmethod
@@ -1224,70 +1177,13 @@ class IpamService:
         self, rec: SubnetReservation, ip: IPAddress, attrs: dict[str, Any]
     ) -> None:
         cidr = grid_block(ip, ip.version, rec.block_size)
-        key = block_key(cidr)
-        for _ in self._attempts(f"allocating address {ip}"):
-            entry = self.store.get(key)
-            if entry is None:
-                block = AllocationBlock(cidr, self.hostname)
-            else:
-                block = AllocationBlock.from_dict(entry.data)
+
+        def allocate(block: AllocationBlock | None) -> tuple[AllocationBlock, None]:
+            block = block if block is not None else AllocationBlock(cidr, self.hostname)
             block.allocate(ip, None, attrs)  # AddressInUse (Conflict) if taken
-            try:
-                self._write(key, entry, block.to_dict())
-            except _CAS_ERRORS:
-                continue
-            return
+            return block, None
 
-    def _allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any]) -> IPAddress:
-        scope = rec.scope
-        reserved = IPSet([IPAddress(value, rec.version) for value in rec.reserved_addresses()])
-        allowed = IPSet([scope]) - reserved
-        for _ in self._attempts(f"allocating an address in {rec.cidr}"):
-            try:
-                return self._allocate_auto_once(rec, scope, allowed, attrs)
-            except _CAS_ERRORS:
-                continue
-        raise AssertionError("unreachable")
-
-    def _allocate_auto_once(
-        self,
-        rec: SubnetReservation,
-        scope: IPNetwork,
-        allowed: IPSet,
-        attrs: dict[str, Any],
-    ) -> IPAddress:
-        """One read-allocate-write pass; raises a CAS error when it lost a race."""
-        blocks = self._blocks_overlapping(scope, rec.block_size)
-        own = [item for item in blocks if item[1].host == self.hostname]
-        others = [item for item in blocks if item[1].host != self.hostname]
-        # 1. A block affine to this host.
-        for entry, block in own:
-            ip = block.allocate_next(allowed, (), None, attrs)
-            if ip is not None:
-                self._write(entry.key, entry, block.to_dict())
-                return ip
-        # 2. Claim the first block of the grid that nobody has yet.
-        existing = {int(block.cidr.first) for _entry, block in blocks}
-        if allowed:
-            for cidr in _grid_blocks(allowed, rec.version, rec.block_size):
-                if cidr.first in existing:
-                    continue
-                block = AllocationBlock(cidr, self.hostname)
-                ip = block.allocate_next(allowed, (), None, attrs)
-                if ip is None:  # pragma: no cover - cidr overlaps allowed by construction
-                    continue
-                self._write(block_key(cidr), None, block.to_dict())
-                return ip
-        # 3. Borrow from another host's block.
-        for entry, block in others:
-            ip = block.allocate_next(allowed, (), None, attrs)
-            if ip is not None:
-                self._write(entry.key, entry, block.to_dict())
-                return ip
-        where = f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool else (
-            f"subnet {rec.cidr}"
-        )
-        raise Exhausted(f"no free address left in {where}")
+        self.blocks.change(block_key(cidr), f"allocating address {ip}", allocate)
 
     def _release(
         self, rec: SubnetReservation, ip: IPAddress, only_reservation: str | None = None
@@ -1330,7 +1226,7 @@ class IpamService:
             if not freed:
                 return []
             try:
-                self._write_block(key, entry, block)
+                self.blocks.write(key, entry.revision, block)
             except _CAS_ERRORS:
                 continue
             return [str(ip) for ip in freed]
@@ -1338,23 +1234,16 @@ class IpamService:
 
     def _change_block(self, key: str, what: str,
                       change: Callable[[AllocationBlock | None], tuple[bool, T]]) -> T:
-        """Read, change and compare-and-swap one block, retried on conflict.
+        """Read, change and compare-and-swap one existing block, retried on conflict.
 
         change() gets None when the block does not exist, edits the block in place
         and says whether anything is to be written.
         """
-        for _ in self._attempts(what):
-            entry = self.store.get(key)
-            block = AllocationBlock.from_dict(entry.data) if entry is not None else None
+        def edit(block: AllocationBlock | None) -> tuple[AllocationBlock | None, T]:
             write, result = change(block)
-            if not write or block is None:
-                return result
-            try:
-                self._write_block(key, entry, block)
-            except _CAS_ERRORS:
-                continue
-            return result
-        raise AssertionError("unreachable")
+            return (block if write else None), result
+
+        return self.blocks.change(key, what, edit)
 
     def _release_handle_in(self, key: str, handle: str) -> list[str]:
         def release(block: AllocationBlock | None) -> tuple[bool, list[str]]:

@@ -10,8 +10,9 @@ from typing import Any
 from datastore.base import Datastore
 from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, EndpointRecord
+from ipam_driver.block_store import BLOCKS_PREFIX
 from ipam_driver.blocks import AllocationBlock
-from ipam_driver.service import BLOCKS_PREFIX, POOLS_KEY
+from ipam_driver.service import POOLS_KEY
 from plugin.bgp_cli import add_node_set_command
 from plugin.node_removal import remove_node
 from plugin.output import table

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from datastore.base import Datastore, Event
+from ipam_driver.block_store import BLOCKS_PREFIX
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import PoolSet
-from ipam_driver.service import BLOCKS_PREFIX, KIND_GATEWAY, POOLS_KEY
+from ipam_driver.service import KIND_GATEWAY, POOLS_KEY
 from routing.nodes import NODES, NodeRecord
 from routing.planner import BlockInfo, PoolInfo, RoutePlan, plan_routes
 from routing.writer import RoutingNetlink, WriteReport, write_plan

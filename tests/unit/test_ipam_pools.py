@@ -10,9 +10,10 @@ from netaddr import IPNetwork
 from datastore.base import ROOT, dumps
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
 from datastore.sqlite import SqliteDatastore
+from ipam_driver.block_store import block_key
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import Pool, PoolSet, carve, make_pool, parse_address, parse_cidr
-from ipam_driver.service import POOLS_KEY, SUBNETS_PREFIX, IpamService, block_key
+from ipam_driver.service import POOLS_KEY, SUBNETS_PREFIX, IpamService
 
 
 @pytest.fixture

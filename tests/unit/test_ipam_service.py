@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 from netaddr import IPNetwork
 
-from datastore.base import ROOT, DatastoreUnavailable, RevisionConflict, dumps
+from datastore.base import ROOT, AlreadyExists, DatastoreUnavailable, RevisionConflict, dumps
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound, Unavailable
 from datastore.sqlite import SqliteDatastore
+from ipam_driver.block_store import BLOCKS_PREFIX, block_key
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import SubnetReservation
 from ipam_driver.service import (
-    BLOCKS_PREFIX,
     SUBNETS_PREFIX,
     Allocation,
     IpamService,
-    block_key,
     subnet_key,
 )
 
@@ -483,17 +482,21 @@ def test_endless_conflicts_give_unavailable_and_change_nothing(store):
     ipam.request_address(pool_id, None, GATEWAY)
     before = snapshot(store)
 
+    # Every write loses: the allocator's move to another block (or a new one) loses too.
     def always_conflicting(key, value, revision):
         raise RevisionConflict(key)
 
-    store.update = always_conflicting
+    def always_taken(key, value):
+        raise AlreadyExists(key)
+
+    store.update, store.create = always_conflicting, always_taken
     try:
         with pytest.raises(Unavailable, match="after 3 attempts"):
             ipam.request_address(pool_id, None, {})
         with pytest.raises(Unavailable):
             ipam.request_pool(None, None, {}, False)
     finally:
-        del store.update
+        del store.update, store.create
     assert snapshot(store) == before
 
 

@@ -15,15 +15,14 @@ import pytest
 from datastore.base import ROOT, DatastoreUnavailable, dumps
 from datastore.errors import CalicoCnmError, Conflict, InvalidRequest, NotFound
 from datastore.sqlite import SqliteDatastore
+from ipam_driver.block_store import BLOCKS_PREFIX, block_key
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import SubnetReservation
 from ipam_driver.service import (
-    BLOCKS_PREFIX,
     LEGACY_SUBNETS_KEY,
     SUBNETS_PREFIX,
     IpamService,
     SubnetInfo,
-    block_key,
     subnet_key,
 )
 

@@ -1,0 +1,414 @@
+"""Allocation blocks in the datastore, their affinity index, and the allocation hot path.
+
+Keys (under ``datastore.base.ROOT``):
+
+``ipam/blocks/<cidr with "/" as "-">``
+    One AllocationBlock per claimed cell of a pool's grid. The block record is the
+    truth: its ``host`` is its affinity, and claiming a cell is one ``create``.
+``ipam/affinity/<host>/<cidr with "/" as "-">``
+    The affinity index: one key per host and block (value ``{"block": cidr}``), so a
+    host finds its own blocks without listing every block of the subnet. It is a
+    hint, checked against the block record whenever it is read: an entry may be
+    *stale* (its block gone or another host's: a claimer died between the two
+    writes) and is then dropped; it must never be *missing* for a block that names
+    its host, and two rules keep it so with single-key writes only:
+
+    * a claim writes the index entry, creates the block, then reads the entry back
+      and writes it again if it is gone;
+    * whoever deletes an entry (after deleting an emptied block, after losing a
+      claim, or when it finds the entry stale) reads the block afterwards and
+      writes the entry again if the block exists and names that host.
+
+    An entry can only end missing if its last change is a delete with no later
+    write; but the deleter's read of the block comes after its delete, so the
+    block was created after that read, and its creator's read-back comes later
+    still and restores the entry.
+
+Allocation (``allocate_auto``) works from this process's BlockView: pick a cached
+block of this host with a free address in the scope and compare-and-swap it on the
+cached revision (one write; a lost race costs a re-read of that one block). When
+no known block has room, claim the next unclaimed grid cell (one read per cell
+already taken by another host; this process's cursor passes each cell once). Only
+when the cursor has passed every cell is the subnet's whole block list read: to
+find addresses freed by other processes, cells freed since, and, last, another
+host's block to borrow from. So the cost of an allocation does not grow with the
+number of blocks or hosts until the subnet is nearly full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from netaddr import IPAddress, IPNetwork, IPSet
+
+from datastore.base import (
+    ROOT,
+    AlreadyExists,
+    Datastore,
+    Entry,
+    RevisionConflict,
+    dumps,
+)
+from datastore.errors import Exhausted
+from ipam_driver.block_view import BlockView, Scope
+from ipam_driver.blocks import AllocationBlock
+from ipam_driver.pools import SubnetReservation, grid_block
+
+BLOCKS_PREFIX = ROOT + "ipam/blocks/"
+AFFINITY_PREFIX = ROOT + "ipam/affinity/"
+
+# Above this many grid blocks in a range, list every block instead of one get per block.
+MAX_BLOCK_GETS = 16
+
+T = TypeVar("T")
+Change = Callable[[AllocationBlock | None], tuple[AllocationBlock | None, T]]
+
+
+def _name(cidr: IPNetwork | str) -> str:
+    return str(cidr).replace("/", "-")
+
+
+def block_key(cidr: IPNetwork | str) -> str:
+    return BLOCKS_PREFIX + _name(cidr)
+
+
+def _cidr_of(name: str) -> IPNetwork:
+    address, _, prefix = name.rpartition("-")
+    return IPNetwork(f"{address}/{prefix}")
+
+
+def block_cidr_from_key(key: str) -> IPNetwork:
+    return _cidr_of(key[len(BLOCKS_PREFIX):])
+
+
+def affinity_prefix(host: str) -> str:
+    return f"{AFFINITY_PREFIX}{host}/"
+
+
+def affinity_key(host: str, cidr: IPNetwork | str) -> str:
+    return affinity_prefix(host) + _name(cidr)
+
+
+def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
+    """The grid blocks that hold at least one address of allowed, lazily, in order."""
+    last: IPNetwork | None = None
+    for cidr in allowed.iter_cidrs():
+        if cidr.prefixlen >= block_size:
+            block = grid_block(cidr.first, version, block_size)
+            if block != last:
+                last = block
+                yield block
+        else:
+            for block in cidr.subnet(block_size):
+                last = block
+                yield block
+
+
+def allowed_in(rec: SubnetReservation) -> IPSet:
+    """Where automatic addresses of rec come from: its scope minus the reserved ones."""
+    reserved = IPSet([IPAddress(value, rec.version) for value in rec.reserved_addresses()])
+    return IPSet([rec.scope]) - reserved
+
+
+class BlockStore:
+    """Block records and their affinity index, read and written through this
+    process's view. attempts(what) gives the retry loop of a compare-and-swap."""
+
+    def __init__(self, store: Datastore, hostname: str,
+                 attempts: Callable[[str], Iterator[int]], parallel_blocks: int = 2) -> None:
+        self.store = store
+        self.hostname = hostname
+        self._attempts = attempts
+        self.view = BlockView(hostname, block_key, parallel_blocks)
+
+    # ================================================================ reading
+
+    def read(self, key: str) -> tuple[Entry | None, AllocationBlock | None]:
+        """One block, fresh from the store (and into the view if it is this host's)."""
+        entry = self.store.get(key)
+        if entry is None:
+            self.view.forget(key)
+            return None, None
+        block = AllocationBlock.from_dict(entry.data)
+        self.view.learn(key, entry.revision, block.copy())
+        return entry, block
+
+    def all(self) -> list[tuple[Entry, AllocationBlock]]:
+        return [(entry, AllocationBlock.from_dict(entry.data))
+                for entry in self.store.list(BLOCKS_PREFIX)]
+
+    def inside(self, net: IPNetwork) -> list[tuple[Entry, AllocationBlock]]:
+        """Every existing block inside net (a pool)."""
+        result = []
+        for entry in self.store.list(BLOCKS_PREFIX):
+            cidr = block_cidr_from_key(entry.key)
+            if cidr.version == net.version and cidr in net:
+                result.append((entry, AllocationBlock.from_dict(entry.data)))
+        return result
+
+    def overlapping(self, scope: IPNetwork, block_size: int
+                    ) -> list[tuple[Entry, AllocationBlock]]:
+        """Existing blocks of the grid that overlap scope, in address order."""
+        count = 2 ** max(0, block_size - scope.prefixlen)
+        entries: list[Entry] = []
+        if count <= MAX_BLOCK_GETS:
+            first = grid_block(scope.first, scope.version, block_size)
+            for index in range(count):
+                cidr = grid_block(first.first + index * first.size, scope.version,
+                                  block_size)
+                entry = self.store.get(block_key(cidr))
+                if entry is not None:
+                    entries.append(entry)
+        else:
+            for entry in self.store.list(BLOCKS_PREFIX):
+                cidr = block_cidr_from_key(entry.key)
+                if (cidr.version == scope.version and cidr.first <= scope.last
+                        and scope.first <= cidr.last):
+                    entries.append(entry)
+        blocks = [(entry, AllocationBlock.from_dict(entry.data)) for entry in entries]
+        blocks.sort(key=lambda item: item[1].cidr.first)
+        return blocks
+
+    # ================================================================ writing
+
+    def write(self, key: str, revision: int | None, block: AllocationBlock) -> Entry | None:
+        """Create (revision None) or compare-and-swap a block; an empty block is
+        deleted instead (with its affinity entry). The caller gives up block.
+        Returns the new entry (None when deleted)."""
+        if block.is_empty:
+            if revision is not None:
+                self.delete(key, revision, block.host)
+            return None
+        if revision is not None:
+            entry = self.store.update(key, dumps(block.to_dict()), revision)
+        else:
+            entry = self._create(key, block)
+        self.view.learn(key, entry.revision, block)
+        return entry
+
+    def delete(self, key: str, revision: int, host: str | None) -> None:
+        """Delete a block (CAS on revision) and the affinity entry of its host."""
+        self.store.delete(key, revision)
+        cidr = block_cidr_from_key(key)
+        self.view.forget(key, freed_cell=cidr if host == self.hostname else None)
+        if host:
+            self._drop_index(host, cidr)
+
+    def change(self, key: str, what: str, change: Change[T]) -> T:
+        """Read, change and compare-and-swap one block, retried on conflict.
+
+        change() gets the block (None when there is none), edits it in place and
+        returns the block to write (None: nothing to write; a new block when there
+        was none: create it) and its result. It is tried first on the cached copy:
+        a write from it is a CAS on the cached revision, and anything else it
+        decides there (nothing to write, an error) is decided again on a fresh read.
+        """
+        cached = self.view.cached(key)
+        if cached is not None:
+            revision, block = cached
+            try:
+                to_write, result = change(block)
+            except Exception:  # noqa: BLE001 - judged again on a fresh read below
+                to_write = None
+            if to_write is not None:
+                try:
+                    self.write(key, revision, to_write)
+                    return result
+                except RevisionConflict:
+                    pass
+        for _ in self._attempts(what):
+            entry, fresh = self.read(key)
+            to_write, result = change(fresh)
+            if to_write is None:
+                return result
+            try:
+                self.write(key, entry.revision if entry is not None else None, to_write)
+            except (AlreadyExists, RevisionConflict):
+                continue
+            return result
+        raise AssertionError("unreachable")
+
+    def drop_host_index(self, host: str) -> None:
+        """Delete every affinity entry of a host removed for good."""
+        for entry in self.store.list(affinity_prefix(host)):
+            self.store.delete(entry.key)
+
+    def _create(self, key: str, block: AllocationBlock) -> Entry:
+        host, cidr = block.host, block.cidr
+        if host:
+            self._write_index(host, cidr)
+        try:
+            entry = self.store.create(key, dumps(block.to_dict()))
+        except AlreadyExists:
+            if host:
+                self._drop_index(host, cidr)
+            raise
+        if host and self.store.get(affinity_key(host, cidr)) is None:
+            self._write_index(host, cidr)
+        return entry
+
+    def _write_index(self, host: str, cidr: IPNetwork) -> None:
+        try:
+            self.store.create(affinity_key(host, cidr), dumps({"block": str(cidr)}))
+        except AlreadyExists:
+            pass
+
+    def _drop_index(self, host: str, cidr: IPNetwork) -> None:
+        self.store.delete(affinity_key(host, cidr))
+        current = self.store.get(block_key(cidr))
+        if current is not None and current.data.get("host") == host:
+            self._write_index(host, cidr)
+
+    # ============================================================= allocation
+
+    def allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any]) -> IPAddress:
+        """An address from rec's scope, preferring this host's blocks (see the module
+        docstring); Exhausted when the scope has none left."""
+        scope = self._scope(rec)
+        if not scope.loaded:
+            self._load(scope, rec)
+        attempts = self._attempts(f"allocating an address in {rec.cidr}")
+        next(attempts)
+        lost: dict[str, int] = {}
+        while True:
+            key = self.view.pick(scope)
+            if key is None:
+                ip = self._claim(scope, rec, attrs, attempts)
+            else:
+                try:
+                    ip = self._allocate_from(scope, key, attrs, lost, attempts)
+                finally:
+                    self.view.done(key)
+            if ip is not None:
+                return ip
+
+    def _scope(self, rec: SubnetReservation) -> Scope:
+        key = (rec.cidr, rec.sub_pool, rec.block_size)
+        scope = self.view.find(key)
+        if scope is None:
+            allowed = allowed_in(rec)
+            scope = self.view.scope(key, allowed,
+                                    grid_cells(allowed, rec.version, rec.block_size))
+        return scope
+
+    def _load(self, scope: Scope, rec: SubnetReservation) -> None:
+        """This host's blocks of the scope, found through the affinity index."""
+        with scope.load_lock:
+            if scope.loaded:
+                return
+            net = rec.scope
+            for entry in self.store.list(affinity_prefix(self.hostname)):
+                cidr = _cidr_of(entry.key[len(affinity_prefix(self.hostname)):])
+                if (cidr.version != net.version or cidr.first > net.last
+                        or net.first > cidr.last):
+                    continue
+                key = block_key(cidr)
+                _entry, block = self.read(key)
+                if block is None or block.host != self.hostname:
+                    self._drop_index(self.hostname, cidr)  # stale: its claimer died
+                elif block.has_free(self.view.ranges(scope, key, block)):
+                    self.view.add_candidate(scope, key)
+                else:
+                    self.view.mark_full(scope, key)
+            scope.loaded = True
+
+    def _allocate_from(self, scope: Scope, key: str, attrs: dict[str, Any],
+                       lost: dict[str, int], attempts: Iterator[int]) -> IPAddress | None:
+        """One try on one candidate; None when it was full or the write lost."""
+        cached = self.view.cached(key)
+        if cached is None:
+            entry, block = self.read(key)
+            if entry is None or block is None or block.host != self.hostname:
+                return None
+            revision = entry.revision
+        else:
+            revision, block = cached
+        ip = block.allocate_first(self.view.ranges(scope, key, block), attrs)
+        if ip is None:
+            self.view.mark_full(scope, key)
+            return None
+        try:
+            self.write(key, revision, block)
+        except RevisionConflict:
+            lost[key] = lost.get(key, 0) + 1
+            if lost[key] >= 2:
+                self.view.avoid(key)  # another process is filling it: go elsewhere
+            next(attempts)
+            self.read(key)
+            return None
+        return ip
+
+    def _claim(self, scope: Scope, rec: SubnetReservation, attrs: dict[str, Any],
+               attempts: Iterator[int]) -> IPAddress | None:
+        """Claim the next free cell of the scope; None when the cell turned out to be
+        taken (the view knows it now) or another candidate showed up."""
+        cell = self.view.next_cell(scope)
+        if cell is None:
+            return self._allocate_listing(scope, rec, attrs, attempts)
+        key = block_key(cell)
+        entry, block = self.read(key)
+        if block is not None:
+            if block.host == self.hostname:
+                self._write_index(self.hostname, cell)  # blocks of older versions
+                self.view.add_candidate(scope, key)
+            else:
+                self.view.note_foreign(scope, key)
+            return None
+        new = AllocationBlock(cell, self.hostname)
+        ip = new.allocate_first(self.view.ranges(scope, key, new), attrs)
+        if ip is None:  # pragma: no cover - cells overlap the allowed range
+            return None
+        try:
+            self.write(key, None, new)
+        except AlreadyExists:  # another process or host claimed it first
+            next(attempts)
+            _entry, block = self.read(key)
+            if block is not None and block.host == self.hostname:
+                self.view.add_candidate(scope, key)
+            else:
+                self.view.note_foreign(scope, key)
+            return None
+        self.view.add_candidate(scope, key)
+        return ip
+
+    def _allocate_listing(self, scope: Scope, rec: SubnetReservation,
+                          attrs: dict[str, Any], attempts: Iterator[int]) -> IPAddress | None:
+        """The slow path, once the cursor has passed every cell: read every block of
+        the scope. Own blocks with room become candidates again (None: pick again);
+        else claim a cell freed since, else borrow from another host's block."""
+        blocks = self.overlapping(rec.scope, rec.block_size)
+        own = [(e, b) for e, b in blocks if b.host == self.hostname]
+        others = [(e, b) for e, b in blocks if b.host != self.hostname]
+        self.view.restart_cells(
+            scope, grid_cells(scope.allowed, rec.version, rec.block_size),
+            foreign={entry.key for entry, _block in others},
+        )
+        roomy = False
+        for entry, block in own:
+            self.view.learn(entry.key, entry.revision, block.copy())
+            if block.has_free(self.view.ranges(scope, entry.key, block)):
+                self.view.add_candidate(scope, entry.key)
+                roomy = True
+            else:
+                self.view.mark_full(scope, entry.key)
+        if roomy:
+            return None
+        existing = {block.cidr.first for _entry, block in blocks}
+        for cell in grid_cells(scope.allowed, rec.version, rec.block_size):
+            if cell.first not in existing:
+                self.view.return_cell(scope, cell)
+                return None
+        for entry, block in others:
+            ip = block.allocate_first(block.ranges_within(scope.allowed), attrs)
+            if ip is None:
+                continue
+            try:
+                self.write(entry.key, entry.revision, block)
+            except RevisionConflict:
+                next(attempts)
+                return None
+            return ip
+        where = (f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool
+                 else f"subnet {rec.cidr}")
+        raise Exhausted(f"no free address left in {where}")

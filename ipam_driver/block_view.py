@@ -1,0 +1,220 @@
+"""This process's in-memory view of its host's allocation blocks (no I/O).
+
+The datastore stays the only truth: every cached block carries the revision it was
+read at, and an allocation from it is a compare-and-swap on that revision, so a stale
+view costs one lost write and a re-read, never a duplicate. What the view saves is the
+search: which block to allocate from, without listing or parsing every block of the
+subnet on each request.
+
+Per allocation scope (a reservation's ip-range or subnet, with its block size) it
+keeps the blocks of this host that still have a free address (*candidates*, in the
+order they became known), the ones found full, and a cursor over the scope's grid
+cells for claiming the next block. Threads of one process allocate from different
+candidates at once (a block being written is *busy*), up to ``parallel_blocks`` of
+them; past that they wait for a busy block rather than claim more blocks than the
+load needs. A block on which this process lost the compare-and-swap twice in one
+request (another process of the host is filling it) is *avoided* for a moment, so
+that two processes drift onto different blocks instead of fighting over one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from netaddr import IPNetwork, IPSet
+
+from ipam_driver.blocks import AllocationBlock
+
+# How long a block lost twice to another writer is left alone.
+AVOID_SECONDS = 0.5
+# How long a thread waits for a busy block before looking again.
+BUSY_WAIT_SECONDS = 0.02
+
+
+@dataclass(eq=False)
+class Scope:
+    """What one process knows of one allocation scope."""
+
+    key: tuple[str, str | None, int]
+    allowed: IPSet
+    cells: Iterator[IPNetwork]
+    loaded: bool = False
+    cells_done: bool = False
+    candidates: dict[str, None] = field(default_factory=dict)
+    full: set[str] = field(default_factory=set)
+    foreign: set[str] = field(default_factory=set)  # cells taken by other hosts
+    ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # Cells of this scope whose block this process deleted (emptied): free again,
+    # and claimed before the cursor moves on.
+    returned: list[IPNetwork] = field(default_factory=list)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class BlockView:
+    """Cached blocks (key -> (revision, block)) and per-scope allocation state."""
+
+    def __init__(self, hostname: str, key_of: Callable[[IPNetwork], str],
+                 parallel_blocks: int = 2) -> None:
+        self.hostname = hostname
+        self.key_of = key_of
+        self.parallel_blocks = max(1, parallel_blocks)
+        self._lock = threading.Condition()
+        self._blocks: dict[str, tuple[int, AllocationBlock]] = {}
+        self._scopes: dict[tuple[str, str | None, int], Scope] = {}
+        self._busy: set[str] = set()
+        self._avoid: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ scopes
+
+    def find(self, key: tuple[str, str | None, int]) -> Scope | None:
+        return self._scopes.get(key)
+
+    def scope(self, key: tuple[str, str | None, int], allowed: IPSet,
+              cells: Iterator[IPNetwork]) -> Scope:
+        with self._lock:
+            scope = self._scopes.get(key)
+            if scope is None:
+                scope = self._scopes[key] = Scope(key, allowed, cells)
+            return scope
+
+    def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
+        """The scope's allowed addresses inside block (computed once per block)."""
+        ranges = scope.ranges.get(key)
+        if ranges is None:
+            ranges = scope.ranges[key] = block.ranges_within(scope.allowed)
+        return ranges
+
+    def restart_cells(self, scope: Scope, cells: Iterator[IPNetwork],
+                      foreign: set[str]) -> None:
+        """After a full listing: walk the grid again (blocks may have gone since),
+        skipping the cells the listing found taken by other hosts."""
+        with self._lock:
+            scope.cells, scope.cells_done = cells, False
+            scope.foreign = set(foreign)
+
+    def note_foreign(self, scope: Scope, key: str) -> None:
+        with self._lock:
+            scope.foreign.add(key)
+
+    def return_cell(self, scope: Scope, cell: IPNetwork) -> None:
+        """A cell known to be free: the next claim takes it."""
+        with self._lock:
+            scope.returned.append(cell)
+
+    # --------------------------------------------------------------- choosing
+
+    def pick(self, scope: Scope) -> str | None:
+        """A candidate block to allocate from, marked busy; None: claim a new block.
+
+        Waits while every candidate is busy and parallel_blocks of them are in use.
+        Avoided candidates are taken only when no cell is left to claim.
+        """
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                busy_here = 0
+                avoided: str | None = None
+                for key in scope.candidates:
+                    if key in self._busy:
+                        busy_here += 1
+                    elif self._avoid.get(key, 0.0) > now:
+                        avoided = avoided or key
+                    else:
+                        self._busy.add(key)
+                        return key
+                cells_left = bool(scope.returned) or not scope.cells_done
+                if avoided is not None and not cells_left:
+                    self._busy.add(avoided)
+                    return avoided
+                if busy_here == 0 or (busy_here < self.parallel_blocks and cells_left):
+                    return None
+                self._lock.wait(BUSY_WAIT_SECONDS)
+
+    def done(self, key: str) -> None:
+        """The block picked is no longer being written by this thread."""
+        with self._lock:
+            self._busy.discard(key)
+            self._lock.notify_all()
+
+    def avoid(self, key: str) -> None:
+        with self._lock:
+            self._avoid[key] = time.monotonic() + AVOID_SECONDS
+
+    def next_cell(self, scope: Scope) -> IPNetwork | None:
+        """The next grid cell of the scope not known to hold a block; None at the end."""
+        with self._lock:
+            if scope.returned:
+                return scope.returned.pop()
+            if scope.cells_done:
+                return None
+            for cell in scope.cells:
+                if not self._known(scope, self.key_of(cell)):
+                    return cell
+            scope.cells_done = True
+            return None
+
+    def _known(self, scope: Scope, key: str) -> bool:
+        return key in scope.candidates or key in scope.full or key in scope.foreign
+
+    # ---------------------------------------------------------------- learning
+
+    def cached(self, key: str) -> tuple[int, AllocationBlock] | None:
+        """The cached revision and a private copy of the block (the caller may edit it)."""
+        with self._lock:
+            held = self._blocks.get(key)
+        return (held[0], held[1].copy()) if held is not None else None
+
+    def learn(self, key: str, revision: int, block: AllocationBlock) -> None:
+        """A block as read or written at revision (the caller's copy is kept)."""
+        with self._lock:
+            current = self._blocks.get(key)
+            if current is not None and current[0] > revision:
+                return  # a newer write by another thread is already known
+            if block.host != self.hostname:
+                self._drop(key)
+                return
+            self._blocks[key] = (revision, block)
+            for scope in self._scopes.values():
+                if scope.loaded and key in scope.full:
+                    # Something was freed: worth a look again (pick re-checks it).
+                    scope.full.discard(key)
+                    scope.candidates[key] = None
+
+    def add_candidate(self, scope: Scope, key: str) -> None:
+        with self._lock:
+            if key in self._blocks:
+                scope.full.discard(key)
+                scope.candidates[key] = None
+
+    def mark_full(self, scope: Scope, key: str) -> None:
+        """No free address of the scope left in the block: keep only its name."""
+        with self._lock:
+            scope.candidates.pop(key, None)
+            scope.full.add(key)
+            if not any(key in other.candidates for other in self._scopes.values()):
+                self._blocks.pop(key, None)
+
+    def forget(self, key: str, freed_cell: IPNetwork | None = None) -> None:
+        """The block is gone (or another host's); freed_cell: we deleted it, so the
+        cell is free to claim again."""
+        with self._lock:
+            self._drop(key)
+            if freed_cell is not None:
+                for scope in self._scopes.values():
+                    if scope.loaded and _overlaps(freed_cell, scope):
+                        scope.returned.append(freed_cell)
+
+    def _drop(self, key: str) -> None:
+        self._blocks.pop(key, None)
+        for scope in self._scopes.values():
+            scope.candidates.pop(key, None)
+            scope.full.discard(key)
+            scope.foreign.discard(key)
+            scope.ranges.pop(key, None)
+
+
+def _overlaps(cell: IPNetwork, scope: Scope) -> bool:
+    return bool(scope.allowed & IPSet([cell]))
