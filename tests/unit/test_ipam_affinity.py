@@ -1,0 +1,140 @@
+"""The affinity index and the allocation hot path: cost flat in the number of blocks,
+an index that is never missing for a block, stale entries dropped."""
+
+from __future__ import annotations
+
+from datastore.base import Datastore, Entry, dumps
+from datastore.sqlite import SqliteDatastore
+from ipam_driver.block_store import AFFINITY_PREFIX, BLOCKS_PREFIX, affinity_key
+from ipam_driver.service import IpamService
+
+GATEWAY = {"RequestAddressType": "com.docker.network.gateway"}
+
+
+class CountingStore(Datastore):
+    """A real SQLite store that counts the reads and writes made through it."""
+
+    def __init__(self, inner: SqliteDatastore) -> None:
+        self.inner = inner
+        self.ops = 0
+        self.listed = 0
+
+    def get(self, key: str) -> Entry | None:
+        self.ops += 1
+        return self.inner.get(key)
+
+    def list(self, prefix: str) -> list[Entry]:
+        self.ops += 1
+        entries = self.inner.list(prefix)
+        self.listed += len(entries)
+        return entries
+
+    def create(self, key: str, value: str) -> Entry:
+        self.ops += 1
+        return self.inner.create(key, value)
+
+    def update(self, key: str, value: str, revision: int) -> Entry:
+        self.ops += 1
+        return self.inner.update(key, value, revision)
+
+    def delete(self, key: str, revision: int | None = None) -> bool:
+        self.ops += 1
+        return self.inner.delete(key, revision)
+
+    def current_revision(self) -> int:
+        return self.inner.current_revision()
+
+    def watch(self, prefix: str, after_revision: int, timeout: float) -> list:
+        return self.inner.watch(prefix, after_revision, timeout)
+
+
+def _host_index(store: Datastore, host: str) -> set[str]:
+    return {e.data["block"] for e in store.list(AFFINITY_PREFIX + host + "/")}
+
+
+def _host_blocks(store: Datastore, host: str) -> set[str]:
+    return {e.data["cidr"] for e in store.list(BLOCKS_PREFIX) if e.data.get("host") == host}
+
+
+def test_allocation_cost_does_not_grow_with_the_blocks_of_the_subnet(tmp_path):
+    store = CountingStore(SqliteDatastore(str(tmp_path / "s.db")))
+    ipam = IpamService(store, "h1")
+    ipam.add_pool("10.100.0.0/16")
+    ipam.request_pool("10.100.0.0/16", None, {}, False)
+    ipam.request_address("10.100.0.0/16", None, GATEWAY)
+    ipam.request_address("10.100.0.0/16", None, {})  # loads the view: one index listing
+
+    def cost(count: int) -> tuple[float, int]:
+        store.ops = store.listed = 0
+        for _ in range(count):
+            ipam.request_address("10.100.0.0/16", None, {})
+        return store.ops / count, store.listed
+
+    early, early_listed = cost(640)   # blocks 1 to 10
+    for _ in range(64 * 100):          # 100 more blocks
+        ipam.request_address("10.100.0.0/16", None, {})
+    late, late_listed = cost(640)      # blocks 111 to 120
+    assert early_listed == late_listed == 0  # nothing listed on the hot path
+    assert late <= early * 1.05 and late < 3.5, (early, late)
+
+
+def test_every_block_of_a_host_is_in_its_index_and_emptied_blocks_leave_it(tmp_path):
+    store = SqliteDatastore(str(tmp_path / "s.db"))
+    ipam = IpamService(store, "h1")
+    ipam.add_pool("10.100.0.0/16")
+    ipam.request_pool("10.100.0.0/22", None, {}, False)
+    ipam.request_address("10.100.0.0/22", None, GATEWAY)
+    addresses = [ipam.request_address("10.100.0.0/22", None, {}).split("/")[0]
+                 for _ in range(200)]
+    assert _host_index(store, "h1") == _host_blocks(store, "h1")
+    assert len(_host_blocks(store, "h1")) == 4
+    for address in addresses:
+        ipam.release_address("10.100.0.0/22", address)
+    # Only the gateway's block is left, and the index says exactly that.
+    assert _host_blocks(store, "h1") == {"10.100.0.0/26"}
+    assert _host_index(store, "h1") == {"10.100.0.0/26"}
+
+
+def test_a_second_process_finds_the_blocks_through_the_index(tmp_path):
+    path = str(tmp_path / "s.db")
+    first = IpamService(SqliteDatastore(path), "h1")
+    first.add_pool("10.100.0.0/16")
+    first.request_pool("10.100.0.0/16", None, {}, False)
+    first.request_address("10.100.0.0/16", None, GATEWAY)
+    taken = {first.request_address("10.100.0.0/16", None, {}) for _ in range(10)}
+    store = CountingStore(SqliteDatastore(path))
+    second = IpamService(store, "h1")
+    got = second.request_address("10.100.0.0/16", None, {})
+    assert got not in taken and got.startswith("10.100.0.")  # the same block, next address
+    assert store.listed == 1  # one index entry read, not the blocks
+
+
+def test_stale_index_entries_are_dropped_and_upgraded_blocks_are_found(tmp_path):
+    store = SqliteDatastore(str(tmp_path / "s.db"))
+    setup = IpamService(store, "h1")
+    setup.add_pool("10.100.0.0/16")
+    setup.request_pool("10.100.0.0/16", None, {}, False)
+    setup.request_address("10.100.0.0/16", None, GATEWAY)
+    # A claimer that died between its index entry and its block; and a block an older
+    # version wrote with no index entry at all.
+    store.create(affinity_key("h1", "10.100.9.0/26"), dumps({"block": "10.100.9.0/26"}))
+    store.delete(affinity_key("h1", "10.100.0.0/26"))
+    fresh = IpamService(store, "h1")
+    assert fresh.request_address("10.100.0.0/16", None, {}) == "10.100.0.2/16"
+    assert _host_index(store, "h1") == {"10.100.0.0/26"}
+
+
+def test_two_hosts_share_a_subnet_without_duplicates_and_each_indexes_its_own(tmp_path):
+    store = SqliteDatastore(str(tmp_path / "s.db"))
+    a, b = IpamService(store, "a"), IpamService(store, "b")
+    a.add_pool("10.100.0.0/16")
+    a.request_pool("10.100.0.0/24", None, {}, False)
+    b.request_pool("10.100.0.0/24", None, {}, False)
+    a.request_address("10.100.0.0/24", None, GATEWAY)
+    got = []
+    for _ in range(126):
+        got.append(a.request_address("10.100.0.0/24", None, {}))
+        got.append(b.request_address("10.100.0.0/24", None, {}))
+    assert len(set(got)) == len(got) == 252  # the whole /24 but network, broadcast, gateway
+    for host in ("a", "b"):
+        assert _host_index(store, host) == _host_blocks(store, host)
