@@ -56,12 +56,18 @@ def _host_blocks(store: Datastore, host: str) -> set[str]:
     return {e.data["cidr"] for e in store.list(BLOCKS_PREFIX) if e.data.get("host") == host}
 
 
-def test_allocation_cost_does_not_grow_with_the_blocks_of_the_subnet(tmp_path):
-    store = CountingStore(SqliteDatastore(str(tmp_path / "s.db")))
+def _network(store: Datastore, subnet: str) -> IpamService:
+    """Host h1 with a pool, a network on subnet and its gateway, as Docker leaves it."""
     ipam = IpamService(store, "h1")
     ipam.add_pool("10.100.0.0/16")
-    ipam.request_pool("10.100.0.0/16", None, {}, False)
-    ipam.request_address("10.100.0.0/16", None, GATEWAY)
+    ipam.request_pool(subnet, None, {}, False)
+    ipam.request_address(subnet, None, GATEWAY)
+    return ipam
+
+
+def test_allocation_cost_does_not_grow_with_the_blocks_of_the_subnet(tmp_path):
+    store = CountingStore(SqliteDatastore(str(tmp_path / "s.db")))
+    ipam = _network(store, "10.100.0.0/16")
     ipam.request_address("10.100.0.0/16", None, {})  # loads the view: one index listing
 
     def cost(count: int) -> tuple[float, int]:
@@ -80,10 +86,7 @@ def test_allocation_cost_does_not_grow_with_the_blocks_of_the_subnet(tmp_path):
 
 def test_every_block_of_a_host_is_in_its_index_and_emptied_blocks_leave_it(tmp_path):
     store = SqliteDatastore(str(tmp_path / "s.db"))
-    ipam = IpamService(store, "h1")
-    ipam.add_pool("10.100.0.0/16")
-    ipam.request_pool("10.100.0.0/22", None, {}, False)
-    ipam.request_address("10.100.0.0/22", None, GATEWAY)
+    ipam = _network(store, "10.100.0.0/22")
     addresses = [ipam.request_address("10.100.0.0/22", None, {}).split("/")[0]
                  for _ in range(200)]
     assert _host_index(store, "h1") == _host_blocks(store, "h1")
@@ -97,10 +100,7 @@ def test_every_block_of_a_host_is_in_its_index_and_emptied_blocks_leave_it(tmp_p
 
 def test_a_second_process_finds_the_blocks_through_the_index(tmp_path):
     path = str(tmp_path / "s.db")
-    first = IpamService(SqliteDatastore(path), "h1")
-    first.add_pool("10.100.0.0/16")
-    first.request_pool("10.100.0.0/16", None, {}, False)
-    first.request_address("10.100.0.0/16", None, GATEWAY)
+    first = _network(SqliteDatastore(path), "10.100.0.0/16")
     taken = {first.request_address("10.100.0.0/16", None, {}) for _ in range(10)}
     store = CountingStore(SqliteDatastore(path))
     second = IpamService(store, "h1")
@@ -111,10 +111,7 @@ def test_a_second_process_finds_the_blocks_through_the_index(tmp_path):
 
 def test_stale_index_entries_are_dropped_and_upgraded_blocks_are_found(tmp_path):
     store = SqliteDatastore(str(tmp_path / "s.db"))
-    setup = IpamService(store, "h1")
-    setup.add_pool("10.100.0.0/16")
-    setup.request_pool("10.100.0.0/16", None, {}, False)
-    setup.request_address("10.100.0.0/16", None, GATEWAY)
+    _network(store, "10.100.0.0/16")
     # A claimer that died between its index entry and its block; and a block an older
     # version wrote with no index entry at all.
     store.create(affinity_key("h1", "10.100.9.0/26"), dumps({"block": "10.100.9.0/26"}))
