@@ -6,8 +6,7 @@ first (bounded by ``max_attempts``; then Unavailable). What is cached in
 memory is only ever used as the expected revision of a compare-and-swap, or
 checked afterwards (the reservation of an allocation is re-read after it, see
 below), so any number of workers, processes and hosts may share one datastore:
-this host's blocks (``block_store``), settled reservations by pool id, and one
-flag ("this store has no legacy subnets document").
+this host's blocks (``block_store``) and one flag ("this store has no legacy subnets document").
 
 Datastore keys (all under ``datastore.base.ROOT``, values JSON):
 
@@ -308,9 +307,6 @@ class IpamService:
         self.max_attempts = max(1, max_attempts)
         self._migrated = False
         self.blocks = BlockStore(store, hostname, self._attempts)
-        # Settled reservations by pool id, for automatic allocations: checked by the
-        # re-read that follows every allocation.
-        self._known_reservations: dict[str, SubnetReservation] = {}
 
     # ================================================================== pools
 
@@ -670,22 +666,13 @@ class IpamService:
         self._check_still_reserved(rec, ip, undo=True)
         return f"{ip}/{rec.network.prefixlen}"
 
-    def _request_auto(self, pool_id: str, opts: dict[str, str], cached: bool = True) -> str:
-        """An automatic container address. The reservation may come from memory: the
-        re-read after the allocation checks it (a stale one is retried fresh, once)."""
-        rec = self._known_reservations.get(pool_id) if cached else None
-        from_memory = rec is not None
-        if rec is None:
-            rec = self._get_reservation(pool_id)[1]
+    def _request_auto(self, pool_id: str, opts: dict[str, str]) -> str:
+        """An automatic container address. The reservation is read first, from the
+        store: in an outage that read fails before anything is written (a write sent
+        to a frozen etcd may still be applied once it thaws)."""
+        rec = self._get_reservation(pool_id)[1]
         ip = self.blocks.allocate_auto(rec, self._address_attrs(rec, KIND_CONTAINER, opts))
-        try:
-            current = self._check_still_reserved(rec, ip, undo=True)
-        except NotFound:
-            self._known_reservations.pop(pool_id, None)
-            if from_memory:
-                return self._request_auto(pool_id, opts, cached=False)
-            raise
-        self._known_reservations[pool_id] = current
+        self._check_still_reserved(rec, ip, undo=True)
         return f"{ip}/{rec.network.prefixlen}"
 
     def _address_attrs(self, rec: SubnetReservation, kind: str, opts: dict[str, str]
