@@ -324,7 +324,7 @@ class BlockStore:
             revision = entry.revision
         else:
             revision, block = cached
-        ip = block.allocate_first(self.view.ranges(scope, key, block), attrs)
+        ip = block.allocate_next(self.view.ranges(scope, key, block), None, attrs)
         if ip is None:
             self.view.mark_full(scope, key)
             return None
@@ -356,7 +356,7 @@ class BlockStore:
                 self.view.note_foreign(scope, key)
             return None
         new = AllocationBlock(cell, self.hostname)
-        ip = new.allocate_first(self.view.ranges(scope, key, new), attrs)
+        ip = new.allocate_next(self.view.ranges(scope, key, new), None, attrs)
         if ip is None:  # pragma: no cover - cells overlap the allowed range
             return None
         try:
@@ -400,7 +400,7 @@ class BlockStore:
                 self.view.return_cell(scope, cell)
                 return None
         for entry, block in others:
-            ip = block.allocate_first(block.ranges_within(scope.allowed), attrs)
+            ip = block.allocate_next(block.ranges_within(scope.allowed), None, attrs)
             if ip is None:
                 continue
             try:

@@ -122,16 +122,6 @@ class AllocationBlock:
     def is_empty(self) -> bool:
         return not self._allocations
 
-    def free_count(self, allowed: Allowed | None = None, reserved: Iterable[int] = ()) -> int:
-        """Free addresses, within allowed (default: the whole block), not reserved."""
-        candidates = self._candidate_ranges(allowed)
-        total = sum(last - first + 1 for first, last in candidates)
-        excluded = set(self._allocations) | {int(r) for r in reserved}
-        for value in excluded:
-            if any(first <= value <= last for first, last in candidates):
-                total -= 1
-        return total
-
     def __contains__(self, address: object) -> bool:
         try:
             value = int(IPAddress(address))  # type: ignore[arg-type]
@@ -150,47 +140,30 @@ class AllocationBlock:
         return clone
 
     def ranges_within(self, allowed: Allowed | None) -> list[tuple[int, int]]:
-        """allowed clipped to this block, as integer ranges for allocate_first()."""
+        """allowed clipped to this block, as integer ranges for allocate_next()."""
         return self._candidate_ranges(allowed)
 
     # ------------------------------------------------------------ operations
 
-    def allocate_first(
-        self, ranges: Ranges, attrs: dict[str, Any] | None = None
+    def allocate_next(
+        self,
+        ranges: Ranges | None = None,
+        handle: str | None = None,
+        attrs: dict[str, Any] | None = None,
     ) -> IPAddress | None:
-        """allocate_next() over ranges already clipped to this block (ranges_within):
-        the hot path, which must not build address sets per call."""
-        for first, last in ranges:
+        """Allocate the lowest free address of ranges (from ranges_within(), computed
+        once per block and scope: no address sets are built per call); default the
+        whole block. Returns None (and changes nothing) when none is free."""
+        for first, last in ranges if ranges is not None else self._candidate_ranges(None):
             for value in range(first, last + 1):
                 if value not in self._allocations:
-                    self._allocations[value] = AddressAllocation(None, dict(attrs or {}))
+                    self._allocations[value] = AddressAllocation(handle, dict(attrs or {}))
                     return IPAddress(value, self.version)
         return None
 
     def has_free(self, ranges: Ranges) -> bool:
         return any(value not in self._allocations
                    for first, last in ranges for value in range(first, last + 1))
-
-    def allocate_next(
-        self,
-        allowed: Allowed | None = None,
-        reserved: Iterable[int | IPAddress] = (),
-        handle: str | None = None,
-        attrs: dict[str, Any] | None = None,
-    ) -> IPAddress | None:
-        """Allocate the lowest free address inside allowed, skipping reserved.
-
-        Returns None (and changes nothing) when no such address is free.
-        """
-        skip = {int(r) for r in reserved}
-        for first, last in self._candidate_ranges(allowed):
-            value = first
-            while value <= last:
-                if value not in self._allocations and value not in skip:
-                    self._allocations[value] = AddressAllocation(handle, dict(attrs or {}))
-                    return IPAddress(value, self.version)
-                value += 1
-        return None
 
     def allocate(
         self,

@@ -900,11 +900,9 @@ class IpamService:
         pool = self._read_pools()[1].containing(net)
         return pool is None or pool.cidr != rec.pool or pool.deleting
 
-    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool
-                              ) -> SubnetReservation:
+    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool) -> None:
         """After an allocation: NotFound (and, with undo, the allocation freed) if the
-        reservation was released meanwhile, since its sweep may have missed it; else
-        the reservation as it is now."""
+        reservation was released meanwhile, since its sweep may have missed it."""
         entry = self.store.get(subnet_key(rec.cidr))
         current = SubnetReservation.from_dict(entry.data) if entry is not None else None
         if current is None or current.id != rec.id:
@@ -914,7 +912,6 @@ class IpamService:
                 f"network subnet {rec.cidr} was released while address {ip} was being "
                 "allocated"
             )
-        return current
 
     # ---------------------------------------------------------------- migration
 

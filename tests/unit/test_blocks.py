@@ -28,7 +28,7 @@ def test_default_blocks_hold_64_addresses():
     assert block.host == "h1"
     assert block.is_empty
     assert block.used_count == 0
-    assert block.free_count() == 64
+    assert block.has_free(block.ranges_within(None))
 
 
 def test_block_with_host_bits_is_refused():
@@ -47,37 +47,39 @@ def test_allocate_next_is_sequential_and_records_handle_and_attrs():
     assert record.attrs == {"kind": "container"}
     assert block.get("10.0.0.1").handle is None
     assert block.used_count == 2
-    assert block.free_count() == 62
 
 
 def test_allocate_next_skips_reserved_and_allocated():
     block = AllocationBlock("10.0.0.0/26")
     block.allocate("10.0.0.1")
-    ip = block.allocate_next(reserved=[IPAddress("10.0.0.0"), int(IPAddress("10.0.0.2"))])
+    allowed = IPSet(["10.0.0.0/26"]) - IPSet(["10.0.0.0/32", "10.0.0.2/32"])
+    ip = block.allocate_next(block.ranges_within(allowed))
     assert ip == IPAddress("10.0.0.3")
 
 
 def test_allocate_next_honours_allowed_range_forms():
     block = AllocationBlock("10.0.0.0/26")
-    assert block.allocate_next(IPSet(["10.0.0.40/29"])) == IPAddress("10.0.0.40")
-    assert block.allocate_next(IPNetwork("10.0.0.40/29")) == IPAddress("10.0.0.41")
-    assert block.allocate_next("10.0.0.48/30") == IPAddress("10.0.0.48")
-    assert block.allocate_next(IPRange("10.0.0.10", "10.0.0.12")) == IPAddress("10.0.0.10")
-    assert block.allocate_next([IPRange("10.0.0.20", "10.0.0.21"), "10.0.0.30/32"]) == IPAddress(
-        "10.0.0.20"
-    )
+
+    def next_in(allowed):
+        return block.allocate_next(block.ranges_within(allowed))
+
+    assert next_in(IPSet(["10.0.0.40/29"])) == IPAddress("10.0.0.40")
+    assert next_in(IPNetwork("10.0.0.40/29")) == IPAddress("10.0.0.41")
+    assert next_in("10.0.0.48/30") == IPAddress("10.0.0.48")
+    assert next_in(IPRange("10.0.0.10", "10.0.0.12")) == IPAddress("10.0.0.10")
+    assert next_in([IPRange("10.0.0.20", "10.0.0.21"), "10.0.0.30/32"]) == IPAddress("10.0.0.20")
 
 
 def test_allocate_next_returns_none_when_range_is_full_and_changes_nothing():
     block = AllocationBlock("10.0.0.0/26")
     allowed = IPSet(["10.0.0.8/30"])
-    got = [block.allocate_next(allowed) for _ in range(4)]
+    got = [block.allocate_next(block.ranges_within(allowed)) for _ in range(4)]
     assert [str(ip) for ip in got] == ["10.0.0.8", "10.0.0.9", "10.0.0.10", "10.0.0.11"]
     before = block.to_dict()
-    assert block.allocate_next(allowed) is None
+    assert block.allocate_next(block.ranges_within(allowed)) is None
     assert block.to_dict() == before
     # A range entirely outside the block offers nothing.
-    assert block.allocate_next("10.0.1.0/24") is None
+    assert block.allocate_next(block.ranges_within("10.0.1.0/24")) is None
 
 
 def test_allocate_next_fills_the_whole_block_exactly_once():
@@ -85,7 +87,7 @@ def test_allocate_next_fills_the_whole_block_exactly_once():
     got = [block.allocate_next() for _ in range(64)]
     assert len({str(ip) for ip in got}) == 64
     assert block.allocate_next() is None
-    assert block.free_count() == 0
+    assert not block.has_free(block.ranges_within(None))
 
 
 def test_allocate_specific_and_taken():
@@ -147,15 +149,15 @@ def test_release_where():
     assert ips(block) == ["10.0.0.1", "10.0.0.3", "10.0.0.5"]
 
 
-def test_counts_within_allowed_and_reserved():
+def test_free_within_allowed_ranges():
     block = AllocationBlock("10.0.0.0/26")
     block.allocate("10.0.0.1")
     block.allocate("10.0.0.40")
     assert block.used_count == 2
-    assert block.free_count() == 62
-    assert block.free_count("10.0.0.0/28") == 15
-    assert block.free_count("10.0.0.0/28", reserved=[int(IPAddress("10.0.0.0"))]) == 14
-    assert block.free_count("10.1.0.0/28") == 0
+    assert block.ranges_within("10.0.0.0/28") == [(block.cidr.first, block.cidr.first + 15)]
+    assert block.has_free(block.ranges_within("10.0.0.0/28"))
+    assert not block.has_free(block.ranges_within(["10.0.0.1/32", "10.0.0.40/32"]))
+    assert block.ranges_within("10.1.0.0/28") == []
 
 
 def test_contains():
@@ -197,7 +199,8 @@ def test_from_dict_rejects_address_outside_block():
 
 def test_ipv6_block():
     block = AllocationBlock("fd00:1::/122", "h6")
-    assert block.allocate_next(reserved=[int(IPAddress("fd00:1::"))]) == IPAddress("fd00:1::1")
+    allowed = IPSet(["fd00:1::/122"]) - IPSet(["fd00:1::/128"])
+    assert block.allocate_next(block.ranges_within(allowed)) == IPAddress("fd00:1::1")
     assert block.allocate("fd00:1::3f") == IPAddress("fd00:1::3f")
     with pytest.raises(AddressOutsideBlock):
         block.allocate("fd00:1::40")

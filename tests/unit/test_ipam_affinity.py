@@ -18,6 +18,7 @@ class CountingStore(Datastore):
         self.inner = inner
         self.ops = 0
         self.listed = 0
+        self.prefixes: list[str] = []
 
     def get(self, key: str) -> Entry | None:
         self.ops += 1
@@ -25,6 +26,7 @@ class CountingStore(Datastore):
 
     def list(self, prefix: str) -> list[Entry]:
         self.ops += 1
+        self.prefixes.append(prefix)
         entries = self.inner.list(prefix)
         self.listed += len(entries)
         return entries
@@ -101,12 +103,14 @@ def test_every_block_of_a_host_is_in_its_index_and_emptied_blocks_leave_it(tmp_p
 def test_a_second_process_finds_the_blocks_through_the_index(tmp_path):
     path = str(tmp_path / "s.db")
     first = _network(SqliteDatastore(path), "10.100.0.0/16")
-    taken = {first.request_address("10.100.0.0/16", None, {}) for _ in range(10)}
+    for _ in range(200):  # gateway .1, then .2 to .201: four blocks
+        first.request_address("10.100.0.0/16", None, {})
     store = CountingStore(SqliteDatastore(path))
     second = IpamService(store, "h1")
     got = second.request_address("10.100.0.0/16", None, {})
-    assert got not in taken and got.startswith("10.100.0.")  # the same block, next address
-    assert store.listed == 1  # one index entry read, not the blocks
+    assert got == "10.100.0.202/16"  # the fourth block of the first process, next address
+    # The host's 4 index entries were listed, never the blocks.
+    assert store.prefixes == [AFFINITY_PREFIX + "h1/"] and store.listed == 4
 
 
 def test_stale_index_entries_are_dropped_and_upgraded_blocks_are_found(tmp_path):
