@@ -193,6 +193,11 @@ def run_allocations(pool: multiprocessing.pool.Pool, hosts: Sequence[Host], clie
     return rates, per_host
 
 
+def addresses_of(done: dict[str, list[tuple[float, str]]]) -> dict[str, list[str]]:
+    """The addresses per host of run_allocations' timed results."""
+    return {name: [address for _t, address in items] for name, items in done.items()}
+
+
 def run_releases(pool: multiprocessing.pool.Pool, hosts: Sequence[Host], clients: int,
                  held: dict[str, list[str]], duplicates: Duplicates) -> float:
     """Every host releases what it holds, clients per host at once: releases per second
@@ -329,12 +334,10 @@ def concurrency(code: Path, kind: str, names: Sequence[str], count: int,
             "Options": {"RequestAddressType": "com.docker.network.gateway"}})
         rates, done = run_allocations(pool, hosts[:1], 1, count, duplicates)
         figures.one_client = rates[hosts[0].name]
-        run_releases(pool, hosts[:1], 1, {n: [a for _t, a in d] for n, d in done.items()},
-                     duplicates)
+        run_releases(pool, hosts[:1], 1, addresses_of(done), duplicates)
         rates, done = run_allocations(pool, hosts, 8, count, duplicates)
         figures.eight_clients = min(rates.values())
-        figures.releases = run_releases(
-            pool, hosts, 8, {n: [a for _t, a in d] for n, d in done.items()}, duplicates)
+        figures.releases = run_releases(pool, hosts, 8, addresses_of(done), duplicates)
         if fill:
             figures.windows = fill_windows(pool, hosts, duplicates)
     return figures
@@ -364,8 +367,7 @@ def fill_windows(pool: multiprocessing.pool.Pool, hosts: Sequence[Host],
             began = time.monotonic()
             _rates, done = run_allocations(pool, hosts, 8, per_host, duplicates)
             rates.append(per_host * len(hosts) / (time.monotonic() - began))
-            run_releases(pool, hosts, 8, {n: [a for _t, a in d] for n, d in done.items()},
-                         duplicates)
+            run_releases(pool, hosts, 8, addresses_of(done), duplicates)
         windows[percent] = statistics.median(rates)
         print(f"  {percent:>2} % full: {windows[percent]:.0f} allocations/s "
               f"(windows: {', '.join(f'{r:.0f}' for r in rates)})", flush=True)
