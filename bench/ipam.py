@@ -230,6 +230,14 @@ class Plugins:
         self.hosts: list[Host] = []
 
     def __enter__(self) -> Plugins:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()  # the plugins started so far must not outlive a failed start
+            raise
+        return self
+
+    def _start(self) -> None:
         for name in self.names:
             plugin_dir = self.tmp / f"plugins-{name}"
             env = {**{k: v for k, v in os.environ.items()
@@ -242,10 +250,12 @@ class Plugins:
                    "CALICO_CNM_LOG_LEVEL": "warning",
                    "DOCKER_HOST": f"unix://{self.tmp}/no-docker.sock",
                    "PYTHONPATH": str(self.code)}
+            # The SQLite path is set even on etcd, so that a plugin that missed its
+            # etcd setting writes here (and fails the check below), never to the
+            # machine's own datastore.
+            env["CALICO_CNM_SQLITE_PATH"] = str(self.tmp / "state.db")
             if self.etcd:
-                env["CALICO_CNM_ETCD_ENDPOINTS"] = self.etcd
-            else:
-                env["CALICO_CNM_SQLITE_PATH"] = str(self.tmp / "state.db")
+                env["ETCD_ENDPOINTS"] = self.etcd
             log = open(self.tmp / f"serve-{name}.log", "ab")  # noqa: SIM115 - kept open
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "plugin.cli", "serve"], cwd=self.code, env=env,
@@ -263,7 +273,8 @@ class Plugins:
                 "IpamDriver.RequestPool", {"AddressSpace": "CalicoGlobal", "Pool": POOL,
                                            "SubPool": "", "Options": {}, "V6": False})
             host.pool_id = str(reply["PoolID"])
-        return self
+        if self.etcd and (self.tmp / "state.db").exists():
+            raise SystemExit("the plugins wrote to SQLite, not to etcd: check ETCD_ENDPOINTS")
 
     def __exit__(self, *_exc: object) -> None:
         for process in self.processes:
