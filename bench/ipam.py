@@ -370,8 +370,8 @@ def fill_windows(pool: multiprocessing.pool.Pool, hosts: Sequence[Host],
         if target > filled:  # the untimed part up to the window
             _rates, done = run_allocations(pool, hosts, 8, (target - filled) // len(hosts),
                                            duplicates)
-            for name, items in done.items():
-                held[name].extend(a for _t, a in items)
+            for name, addresses in addresses_of(done).items():
+                held[name].extend(addresses)
             filled += (target - filled) // len(hosts) * len(hosts)
         rates = []
         for _ in range(WINDOW_REPEATS):
