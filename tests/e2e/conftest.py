@@ -185,8 +185,17 @@ def plugin() -> Iterator[Plugin]:
     }
     server = Plugin(env, STATE_DIR / "plugin.log")
     server.start()
+    # An earlier run's networks keep their subnets in use in Docker's eyes, so this
+    # run's fresh datastore would hand them out again and never reclaim them.
+    earlier = _remove_calico_networks()
+    if earlier:
+        print(f"\nWARNING: removed Docker networks an earlier run left: {earlier}",
+              file=sys.stderr)
     yield server
+    leaked = _remove_calico_networks()
     server.stop()
+    if leaked:
+        raise AssertionError(f"the end-to-end tests left Docker networks behind: {leaked}")
     # Leave no chains, sets or hooks of ours behind on this host.
     server.cli("uninstall")
 
@@ -225,10 +234,56 @@ class Stack:
         return settings["IPAddress"] if family == 4 else settings["GlobalIPv6Address"]
 
     def cleanup(self) -> None:
+        """Removes what the test made; a network left behind fails the test, because a
+        later plugin sees Docker use its subnet and never reclaims it."""
         if self.containers:
             docker("rm", "-f", *self.containers, check=False)
-        for network in reversed(self.networks):
-            docker("network", "rm", network, check=False)
+        left = [n for n in reversed(self.networks) if not remove_network(n)]
+        if left:
+            raise AssertionError(f"could not remove Docker network(s) {left}")
+
+
+def remove_network(name: str, timeout: float = 20) -> bool:
+    """`docker network rm`, retried while the plugin restarts or an endpoint goes;
+    returns whether Docker no longer has the network."""
+    deadline = time.monotonic() + timeout
+    while True:
+        docker("network", "rm", name, check=False)
+        if docker("network", "inspect", name, check=False).returncode != 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        # Endpoints a dockerd restart left on the network keep `rm` refusing.
+        for endpoint in docker("network", "inspect", "-f",
+                               "{{range .Containers}}{{.Name}} {{end}}", name,
+                               check=False).stdout.split():
+            docker("network", "disconnect", "-f", name, endpoint, check=False)
+        time.sleep(1)
+
+
+def _calico_networks() -> list[str]:
+    """Names of the host Docker's networks on our driver or our IPAM driver."""
+    ids = docker("network", "ls", "-q").stdout.split()
+    if not ids:
+        return []
+    found = json.loads(docker("network", "inspect", *ids).stdout)
+    return sorted(n["Name"] for n in found
+                  if n["Driver"] == "calico" or n["IPAM"]["Driver"] == "calico-ipam")
+
+
+def _remove_calico_networks() -> list[str]:
+    """Removes every network _calico_networks() finds, with its containers; returns
+    their names."""
+    names = _calico_networks()
+    for name in names:
+        users = docker("network", "inspect", "-f",
+                       "{{range $id, $c := .Containers}}{{$id}} {{end}}", name,
+                       check=False).stdout.split()
+        if users:
+            docker("rm", "-f", *users, check=False)
+        if not remove_network(name):
+            print(f"\nWARNING: Docker network {name} could not be removed", file=sys.stderr)
+    return names
 
 
 @pytest.fixture
