@@ -43,6 +43,20 @@ class DatastoreUnavailable(DatastoreError):
     """The backend cannot be reached (etcd down, database locked for too long)."""
 
 
+class GuardChanged(DatastoreError):
+    """A guarded write found its guard key changed or gone: nothing was written."""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition a write carries on another key: that it is still at this mod
+    revision. It makes "the record this write depends on still holds" part of the
+    same atomic write, in place of a read before and a read after."""
+
+    key: str
+    revision: int
+
+
 @dataclass(frozen=True)
 class Entry:
     key: str
@@ -76,12 +90,15 @@ class Datastore(ABC):
         """Every entry whose key starts with prefix, sorted by key."""
 
     @abstractmethod
-    def create(self, key: str, value: str) -> Entry:
-        """Write key only if absent; raises AlreadyExists otherwise."""
+    def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
+        """Write key only if absent; raises AlreadyExists otherwise. With a guard, only
+        if the guard holds too; GuardChanged (checked first) otherwise."""
 
     @abstractmethod
-    def update(self, key: str, value: str, revision: int) -> Entry:
-        """Write key only if its mod revision is still `revision`; else RevisionConflict."""
+    def update(self, key: str, value: str, revision: int, guard: Guard | None = None
+               ) -> Entry:
+        """Write key only if its mod revision is still `revision`; else RevisionConflict.
+        With a guard, only if the guard holds too; GuardChanged (checked first) otherwise."""
 
     @abstractmethod
     def delete(self, key: str, revision: int | None = None) -> bool:

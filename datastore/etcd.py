@@ -40,6 +40,8 @@ from datastore.base import (
     DatastoreUnavailable,
     Entry,
     Event,
+    Guard,
+    GuardChanged,
     RevisionConflict,
 )
 
@@ -298,21 +300,23 @@ class EtcdDatastore(Datastore):
 
     # Writes.
 
-    def create(self, key: str, value: str) -> Entry:
+    def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         def op(client: Any) -> tuple[bool, list[Any]]:
             txn = client.transactions
             return client.transaction(
-                compare=[txn.version(key) == 0],
-                success=[txn.put(key, value), txn.get(key)],
-                failure=[],
+                compare=[txn.version(key) == 0, *_guarding(txn, guard)],
+                success=[txn.put(key, value)],
+                failure=_guard_reads(txn, guard),
             )
 
         succeeded, responses = self._call(op, idempotent=False)
         if not succeeded:
+            _raise_if_guard_changed(guard, responses)
             raise AlreadyExists(key)
-        return self._written(key, responses)
+        return _written(key, value, responses)
 
-    def update(self, key: str, value: str, revision: int) -> Entry:
+    def update(self, key: str, value: str, revision: int, guard: Guard | None = None
+               ) -> Entry:
         if revision <= 0:
             # mod_revision == 0 would match an absent key and create it.
             raise RevisionConflict(f"{key}: invalid revision {revision}")
@@ -320,17 +324,18 @@ class EtcdDatastore(Datastore):
         def op(client: Any) -> tuple[bool, list[Any]]:
             txn = client.transactions
             return client.transaction(
-                compare=[txn.mod(key) == revision],
-                success=[txn.put(key, value), txn.get(key)],
-                failure=[txn.get(key)],
+                compare=[txn.mod(key) == revision, *_guarding(txn, guard)],
+                success=[txn.put(key, value)],
+                failure=[*_guard_reads(txn, guard), txn.get(key)],
             )
 
         succeeded, responses = self._call(op, idempotent=False)
         if not succeeded:
+            _raise_if_guard_changed(guard, responses)
             raise RevisionConflict(
-                f"{key}: expected revision {revision}, found {_found(responses)}"
+                f"{key}: expected revision {revision}, found {_found(responses[-1:])}"
             )
-        return self._written(key, responses)
+        return _written(key, value, responses)
 
     def delete(self, key: str, revision: int | None = None) -> bool:
         if revision is None:
@@ -352,12 +357,6 @@ class EtcdDatastore(Datastore):
                 f"{key}: expected revision {revision}, found {_found(responses)}"
             )
         return True
-
-    @staticmethod
-    def _written(key: str, responses: list[Any]) -> Entry:
-        # responses: [put response, [(value, KVMetadata)] of the get after the put]
-        value, meta = responses[1][0]
-        return Entry(key, value.decode("utf-8"), meta.mod_revision)
 
     # Watch.
 
@@ -437,6 +436,34 @@ class EtcdDatastore(Datastore):
             f"revision {after_revision} has been compacted "
             f"(etcd history starts at {exc.compacted_revision})"
         )
+
+
+def _written(key: str, value: str, responses: list[Any]) -> Entry:
+    """The entry a transaction's put wrote: every write of a transaction gets its
+    revision, which the put's header carries (no read back of a value we hold)."""
+    revision = responses[0].response_put.header.revision
+    if revision <= 0:
+        raise DatastoreError(f"etcd confirmed the write of {key} without a revision")
+    return Entry(key, value, revision)
+
+
+def _guarding(txn: Any, guard: Guard | None) -> list[Any]:
+    return [txn.mod(guard.key) == guard.revision] if guard is not None else []
+
+
+def _guard_reads(txn: Any, guard: Guard | None) -> list[Any]:
+    """The failure branch reads the guard key, to tell which compare failed."""
+    return [txn.get(guard.key)] if guard is not None else []
+
+
+def _raise_if_guard_changed(guard: Guard | None, responses: list[Any]) -> None:
+    if guard is None:
+        return
+    kvs = responses[0]
+    found = kvs[0][1].mod_revision if kvs else None
+    if found != guard.revision:
+        raise GuardChanged(f"{guard.key}: expected revision {guard.revision}, found "
+                           f"{found if found is not None else 'no key'}")
 
 
 def _found(responses: list[Any]) -> str:

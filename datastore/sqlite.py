@@ -20,6 +20,8 @@ from datastore.base import (
     DatastoreUnavailable,
     Entry,
     Event,
+    Guard,
+    GuardChanged,
     RevisionConflict,
 )
 
@@ -81,7 +83,8 @@ class SqliteDatastore(Datastore):
             self._local.pid = os.getpid()
         return conn
 
-    def _write(self, key: str, op: str, value: str | None, expect: int | None) -> Entry | bool:
+    def _write(self, key: str, op: str, value: str | None, expect: int | None,
+               guard: Guard | None = None) -> Entry | bool:
         """One atomic write. expect: None = unconditional, 0 = must be absent, N = mod rev."""
         conn = self._conn()
         try:
@@ -89,6 +92,13 @@ class SqliteDatastore(Datastore):
         except sqlite3.DatabaseError as exc:
             raise _error(self.path, exc) from exc
         try:
+            if guard is not None:
+                row = conn.execute("SELECT revision FROM kv WHERE key = ?",
+                                   (guard.key,)).fetchone()
+                if row is None or row[0] != guard.revision:
+                    raise GuardChanged(
+                        f"{guard.key}: expected revision {guard.revision}, found "
+                        f"{row[0] if row else 'no key'}")
             row = conn.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
             current = row[0] if row else None
             if expect == 0 and current is not None:
@@ -149,15 +159,16 @@ class SqliteDatastore(Datastore):
         )
         return [Entry(*row) for row in rows]
 
-    def create(self, key: str, value: str) -> Entry:
-        result = self._write(key, "put", value, 0)
+    def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
+        result = self._write(key, "put", value, 0, guard)
         assert isinstance(result, Entry)
         return result
 
-    def update(self, key: str, value: str, revision: int) -> Entry:
+    def update(self, key: str, value: str, revision: int, guard: Guard | None = None
+               ) -> Entry:
         if revision <= 0:
             raise RevisionConflict(f"{key}: invalid revision {revision}")
-        result = self._write(key, "put", value, revision)
+        result = self._write(key, "put", value, revision, guard)
         assert isinstance(result, Entry)
         return result
 

@@ -47,6 +47,8 @@ from datastore.base import (
     AlreadyExists,
     Datastore,
     Entry,
+    Guard,
+    GuardChanged,
     RevisionConflict,
     dumps,
 )
@@ -172,18 +174,21 @@ class BlockStore:
 
     # ================================================================ writing
 
-    def write(self, key: str, revision: int | None, block: AllocationBlock) -> Entry | None:
+    def write(self, key: str, revision: int | None, block: AllocationBlock,
+              guard: Guard | None = None) -> Entry | None:
         """Create (revision None) or compare-and-swap a block; an empty block is
         deleted instead (with its affinity entry). The caller gives up block.
-        Returns the new entry (None when deleted)."""
+        Returns the new entry (None when deleted). A guard (the subnet reservation
+        the new addresses belong to) goes with creates and updates; GuardChanged
+        when it moved."""
         if block.is_empty:
             if revision is not None:
                 self.delete(key, revision, block.host)
             return None
         if revision is not None:
-            entry = self.store.update(key, dumps(block.to_dict()), revision)
+            entry = self.store.update(key, dumps(block.to_dict()), revision, guard)
         else:
-            entry = self._create(key, block)
+            entry = self._create(key, block, guard)
         self.view.learn(key, entry.revision, block)
         return entry
 
@@ -195,7 +200,8 @@ class BlockStore:
         if host:
             self._drop_index(host, cidr)
 
-    def change(self, key: str, what: str, change: Change[T]) -> T:
+    def change(self, key: str, what: str, change: Change[T], guard: Guard | None = None
+               ) -> T:
         """Read, change and compare-and-swap one block, retried on conflict.
 
         change() gets the block (None when there is none), edits it in place and
@@ -213,7 +219,7 @@ class BlockStore:
                 to_write = None
             if to_write is not None:
                 try:
-                    self.write(key, revision, to_write)
+                    self.write(key, revision, to_write, guard)
                     return result
                 except RevisionConflict:
                     pass
@@ -223,7 +229,8 @@ class BlockStore:
             if to_write is None:
                 return result
             try:
-                self.write(key, entry.revision if entry is not None else None, to_write)
+                self.write(key, entry.revision if entry is not None else None, to_write,
+                           guard)
             except (AlreadyExists, RevisionConflict):
                 continue
             return result
@@ -234,13 +241,13 @@ class BlockStore:
         for entry in self.store.list(affinity_prefix(host)):
             self.store.delete(entry.key)
 
-    def _create(self, key: str, block: AllocationBlock) -> Entry:
+    def _create(self, key: str, block: AllocationBlock, guard: Guard | None) -> Entry:
         host, cidr = block.host, block.cidr
         if host:
             self._write_index(host, cidr)
         try:
-            entry = self.store.create(key, dumps(block.to_dict()))
-        except AlreadyExists:
+            entry = self.store.create(key, dumps(block.to_dict()), guard)
+        except (AlreadyExists, GuardChanged):
             if host:
                 self._drop_index(host, cidr)
             raise
@@ -262,9 +269,11 @@ class BlockStore:
 
     # ============================================================= allocation
 
-    def allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any]) -> IPAddress:
+    def allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any],
+                      guard: Guard | None = None) -> IPAddress:
         """An address from rec's scope, preferring this host's blocks (see the module
-        docstring); Exhausted when the scope has none left."""
+        docstring); Exhausted when the scope has none left. Every write carries
+        guard: GuardChanged (nothing allocated) when it moved."""
         scope = self._scope(rec)
         if not scope.loaded:
             self._load(scope, rec)
@@ -274,10 +283,10 @@ class BlockStore:
         while True:
             key = self.view.pick(scope)
             if key is None:
-                ip = self._claim(scope, rec, attrs, attempts)
+                ip = self._claim(scope, rec, attrs, attempts, guard)
             else:
                 try:
-                    ip = self._allocate_from(scope, key, attrs, lost, attempts)
+                    ip = self._allocate_from(scope, key, attrs, lost, attempts, guard)
                 finally:
                     self.view.done(key)
             if ip is not None:
@@ -314,7 +323,8 @@ class BlockStore:
             scope.loaded = True
 
     def _allocate_from(self, scope: Scope, key: str, attrs: dict[str, Any],
-                       lost: dict[str, int], attempts: Iterator[int]) -> IPAddress | None:
+                       lost: dict[str, int], attempts: Iterator[int], guard: Guard | None
+                       ) -> IPAddress | None:
         """One try on one candidate; None when it was full or the write lost."""
         cached = self.view.cached(key)
         if cached is None:
@@ -329,7 +339,7 @@ class BlockStore:
             self.view.mark_full(scope, key)
             return None
         try:
-            self.write(key, revision, block)
+            self.write(key, revision, block, guard)
         except RevisionConflict:
             lost[key] = lost.get(key, 0) + 1
             if lost[key] >= 2:
@@ -340,12 +350,12 @@ class BlockStore:
         return ip
 
     def _claim(self, scope: Scope, rec: SubnetReservation, attrs: dict[str, Any],
-               attempts: Iterator[int]) -> IPAddress | None:
+               attempts: Iterator[int], guard: Guard | None) -> IPAddress | None:
         """Claim the next free cell of the scope; None when the cell turned out to be
         taken (the view knows it now) or another candidate showed up."""
         cell = self.view.next_cell(scope)
         if cell is None:
-            return self._allocate_listing(scope, rec, attrs, attempts)
+            return self._allocate_listing(scope, rec, attrs, attempts, guard)
         key = block_key(cell)
         entry, block = self.read(key)
         if block is not None:
@@ -360,7 +370,7 @@ class BlockStore:
         if ip is None:  # pragma: no cover - cells overlap the allowed range
             return None
         try:
-            self.write(key, None, new)
+            self.write(key, None, new, guard)
         except AlreadyExists:  # another process or host claimed it first
             next(attempts)
             _entry, block = self.read(key)
@@ -373,7 +383,8 @@ class BlockStore:
         return ip
 
     def _allocate_listing(self, scope: Scope, rec: SubnetReservation,
-                          attrs: dict[str, Any], attempts: Iterator[int]) -> IPAddress | None:
+                          attrs: dict[str, Any], attempts: Iterator[int],
+                          guard: Guard | None) -> IPAddress | None:
         """The slow path, once the cursor has passed every cell: read every block of
         the scope. Own blocks with room become candidates again (None: pick again);
         else claim a cell freed since, else borrow from another host's block."""
@@ -404,7 +415,7 @@ class BlockStore:
             if ip is None:
                 continue
             try:
-                self.write(entry.key, entry.revision, block)
+                self.write(entry.key, entry.revision, block, guard)
             except RevisionConflict:
                 next(attempts)
                 return None

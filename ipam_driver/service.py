@@ -127,6 +127,8 @@ from datastore.base import (
     Datastore,
     DatastoreError,
     Entry,
+    Guard,
+    GuardChanged,
     RevisionConflict,
     cas_attempts,
     dumps,
@@ -628,9 +630,31 @@ class IpamService:
         """
         opts = {str(k): str(v) for k, v in (options or {}).items()}
         gateway = opts.pop(REQUEST_ADDRESS_TYPE, None) == GATEWAY_ADDRESS_TYPE
-        if not gateway and not address:
-            return self._request_auto(pool_id, opts)
-        rec = self._get_reservation(pool_id)[1]
+        for _ in self._attempts(f"allocating an address in network subnet {pool_id}"):
+            try:
+                if not gateway and not address:
+                    return self._request_auto(pool_id, opts)
+                return self._request_given(pool_id, address, opts, gateway)
+            except GuardChanged:
+                continue  # the reservation changed after it was read: read it again
+        raise AssertionError("unreachable")
+
+    def _request_auto(self, pool_id: str, opts: dict[str, str]) -> str:
+        """An automatic container address. The reservation is read first, from the
+        store: in an outage that read fails before anything is written (a write sent
+        to a frozen etcd may still be applied once it thaws). The block write is
+        guarded by the revision read, so nothing is allocated for a reservation
+        released (or changed) since."""
+        entry, rec = self._get_reservation(pool_id)
+        attrs = self._address_attrs(rec, KIND_CONTAINER, opts)
+        ip = self.blocks.allocate_auto(rec, attrs, Guard(entry.key, entry.revision))
+        return f"{ip}/{rec.network.prefixlen}"
+
+    def _request_given(self, pool_id: str, address: str | None, opts: dict[str, str],
+                       gateway: bool) -> str:
+        """A gateway, or an address asked for by value; the block write is guarded as
+        in _request_auto."""
+        entry, rec = self._get_reservation(pool_id)
         ip: IPAddress | None = None
         if address:
             ip = parse_address(address)
@@ -640,7 +664,7 @@ class IpamService:
         if shared:
             joined = self._join_gateway(rec, requested)
             if joined is not None:
-                self._check_still_reserved(rec, joined, undo=False)
+                self._check_still_reserved(rec, joined)
                 return f"{joined}/{rec.network.prefixlen}"
         if gateway and ip is None:
             ip = rec.first_usable()
@@ -649,7 +673,7 @@ class IpamService:
             attrs["hosts"] = [self.hostname]
         if ip is not None:
             try:
-                self._allocate_specific(rec, ip, attrs)
+                self._allocate_specific(rec, ip, attrs, Guard(entry.key, entry.revision))
             except AddressInUse:
                 # Another host of a shared subnet may have allocated the gateway
                 # between our look and our write (and may have joined the subnet
@@ -661,18 +685,8 @@ class IpamService:
                         joined = self._join_gateway(current, requested)
                 if joined is None:
                     raise
-                self._check_still_reserved(rec, joined, undo=False)
+                self._check_still_reserved(rec, joined)
                 return f"{joined}/{rec.network.prefixlen}"
-        self._check_still_reserved(rec, ip, undo=True)
-        return f"{ip}/{rec.network.prefixlen}"
-
-    def _request_auto(self, pool_id: str, opts: dict[str, str]) -> str:
-        """An automatic container address. The reservation is read first, from the
-        store: in an outage that read fails before anything is written (a write sent
-        to a frozen etcd may still be applied once it thaws)."""
-        rec = self._get_reservation(pool_id)[1]
-        ip = self.blocks.allocate_auto(rec, self._address_attrs(rec, KIND_CONTAINER, opts))
-        self._check_still_reserved(rec, ip, undo=True)
         return f"{ip}/{rec.network.prefixlen}"
 
     def _address_attrs(self, rec: SubnetReservation, kind: str, opts: dict[str, str]
@@ -900,14 +914,12 @@ class IpamService:
         pool = self._read_pools()[1].containing(net)
         return pool is None or pool.cidr != rec.pool or pool.deleting
 
-    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress, undo: bool) -> None:
-        """After an allocation: NotFound (and, with undo, the allocation freed) if the
-        reservation was released meanwhile, since its sweep may have missed it."""
+    def _check_still_reserved(self, rec: SubnetReservation, ip: IPAddress) -> None:
+        """After joining a shared gateway (a write that allocates nothing): NotFound
+        if the reservation was released meanwhile."""
         entry = self.store.get(subnet_key(rec.cidr))
         current = SubnetReservation.from_dict(entry.data) if entry is not None else None
         if current is None or current.id != rec.id:
-            if undo:
-                self._release(rec, ip, only_reservation=rec.id)
             raise NotFound(
                 f"network subnet {rec.cidr} was released while address {ip} was being "
                 "allocated"
@@ -1158,7 +1170,7 @@ class IpamService:
             raise InvalidRequest(f"address {ip} is the broadcast address of subnet {net}")
 
     def _allocate_specific(
-        self, rec: SubnetReservation, ip: IPAddress, attrs: dict[str, Any]
+        self, rec: SubnetReservation, ip: IPAddress, attrs: dict[str, Any], guard: Guard
     ) -> None:
         cidr = grid_block(ip, ip.version, rec.block_size)
 
@@ -1167,27 +1179,7 @@ class IpamService:
             block.allocate(ip, None, attrs)  # AddressInUse (Conflict) if taken
             return block, None
 
-        self.blocks.change(block_key(cidr), f"allocating address {ip}", allocate)
-
-    def _release(
-        self, rec: SubnetReservation, ip: IPAddress, only_reservation: str | None = None
-    ) -> None:
-        """Free ip (NotFound if it is not allocated); with only_reservation, only if
-        it still belongs to that reservation (and silently otherwise)."""
-        key = block_key(grid_block(ip, ip.version, rec.block_size))
-
-        def release(block: AllocationBlock | None) -> tuple[bool, None]:
-            record = block.get(ip) if block is not None else None
-            if only_reservation is not None and (
-                record is None or record.attrs.get("reservation") != only_reservation
-            ):
-                return False, None
-            if block is None or record is None:
-                raise NotFound(f"address {ip} is not allocated in subnet {rec.cidr}")
-            block.release(ip)
-            return True, None
-
-        self._change_block(key, f"releasing address {ip}", release)
+        self.blocks.change(block_key(cidr), f"allocating address {ip}", allocate, guard)
 
     def _sweep_block(self, key: str, rec: SubnetReservation) -> list[str]:
         """Free the addresses of a released subnet left in one block.

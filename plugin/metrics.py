@@ -28,6 +28,8 @@ from datastore.base import (
     DatastoreUnavailable,
     Entry,
     Event,
+    Guard,
+    GuardChanged,
     RevisionConflict,
 )
 from plugin.settings import Settings
@@ -128,7 +130,7 @@ class MeteredDatastore(Datastore):
     def _call(self, operation: str, call: Any, *args: Any) -> Any:
         try:
             return call(*args)
-        except (RevisionConflict, AlreadyExists):
+        except (RevisionConflict, AlreadyExists, GuardChanged):
             self._metrics.conflict(operation)
             raise
         except DatastoreUnavailable:
@@ -141,12 +143,14 @@ class MeteredDatastore(Datastore):
     def list(self, prefix: str) -> list[Entry]:
         return self._call("list", self._inner.list, prefix)  # type: ignore[no-any-return]
 
-    def create(self, key: str, value: str) -> Entry:
-        return self._call("create", self._inner.create, key, value)  # type: ignore[no-any-return]
+    def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
+        return self._call("create", self._inner.create, key, value,  # type: ignore[no-any-return]
+                          guard)
 
-    def update(self, key: str, value: str, revision: int) -> Entry:
+    def update(self, key: str, value: str, revision: int, guard: Guard | None = None
+               ) -> Entry:
         return self._call("update", self._inner.update, key, value,  # type: ignore[no-any-return]
-                          revision)
+                          revision, guard)
 
     def delete(self, key: str, revision: int | None = None) -> bool:
         return self._call("delete", self._inner.delete, key, revision)  # type: ignore[no-any-return]

@@ -20,6 +20,8 @@ from datastore.base import (
     Datastore,
     DatastoreUnavailable,
     Event,
+    Guard,
+    GuardChanged,
     RevisionConflict,
     dumps,
 )
@@ -122,6 +124,53 @@ def test_update_of_deleted_key_conflicts(store: Datastore, prefix: str) -> None:
     with pytest.raises(RevisionConflict):
         store.update(key, '"y"', created.revision)
     assert store.get(key) is None
+
+
+# guarded writes
+
+
+def test_guarded_writes_happen_while_the_guard_holds(store: Datastore, prefix: str) -> None:
+    reservation = store.create(prefix + "subnet", '"r1"')
+    guard = Guard(reservation.key, reservation.revision)
+    created = store.create(prefix + "block", '"one"', guard)
+    updated = store.update(prefix + "block", '"two"', created.revision, guard)
+    assert store.get(prefix + "block") == updated
+    assert store.get(reservation.key) == reservation  # the guard key is only compared
+
+
+@pytest.mark.parametrize("change", ["updated", "deleted", "recreated"])
+def test_guarded_writes_change_nothing_once_the_guard_moved(
+        store: Datastore, prefix: str, change: str) -> None:
+    reservation = store.create(prefix + "subnet", '"r1"')
+    block = store.create(prefix + "block", '"one"')
+    if change == "updated":
+        store.update(reservation.key, '"r1 with another host"', reservation.revision)
+    else:
+        store.delete(reservation.key)
+        if change == "recreated":
+            store.create(reservation.key, '"r2"')
+    stale = Guard(reservation.key, reservation.revision)
+    before = store.current_revision()
+    with pytest.raises(GuardChanged, match="subnet"):
+        store.update(block.key, '"lost"', block.revision, stale)
+    with pytest.raises(GuardChanged, match="subnet"):
+        store.create(prefix + "other", '"lost"', stale)
+    assert store.get(block.key) == block
+    assert store.get(prefix + "other") is None
+    assert store.current_revision() == before
+
+
+def test_a_guarded_write_that_holds_still_checks_its_own_key(
+        store: Datastore, prefix: str) -> None:
+    reservation = store.create(prefix + "subnet", '"r1"')
+    guard = Guard(reservation.key, reservation.revision)
+    block = store.create(prefix + "block", '"one"')
+    current = store.update(block.key, '"two"', block.revision)
+    with pytest.raises(RevisionConflict):
+        store.update(block.key, '"lost"', block.revision, guard)
+    with pytest.raises(AlreadyExists):
+        store.create(block.key, '"lost"', guard)
+    assert store.get(block.key) == current
 
 
 # delete

@@ -3,7 +3,7 @@ an index that is never missing for a block, stale entries dropped."""
 
 from __future__ import annotations
 
-from datastore.base import Datastore, Entry, dumps
+from datastore.base import Datastore, Entry, Guard, dumps
 from datastore.sqlite import SqliteDatastore
 from ipam_driver.block_store import AFFINITY_PREFIX, BLOCKS_PREFIX, affinity_key
 from ipam_driver.service import IpamService
@@ -31,13 +31,14 @@ class CountingStore(Datastore):
         self.listed += len(entries)
         return entries
 
-    def create(self, key: str, value: str) -> Entry:
+    def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         self.ops += 1
-        return self.inner.create(key, value)
+        return self.inner.create(key, value, guard)
 
-    def update(self, key: str, value: str, revision: int) -> Entry:
+    def update(self, key: str, value: str, revision: int, guard: Guard | None = None
+               ) -> Entry:
         self.ops += 1
-        return self.inner.update(key, value, revision)
+        return self.inner.update(key, value, revision, guard)
 
     def delete(self, key: str, revision: int | None = None) -> bool:
         self.ops += 1

@@ -344,13 +344,13 @@ def test_lost_block_claim_is_retried(ipam, store):
     real_create = store.create
     raced = []
 
-    def racing_create(key, value):
+    def racing_create(key, value, guard=None):
         if not raced and key == block_key("10.201.0.0/26"):
             raced.append(key)
             intruder = AllocationBlock("10.201.0.0/26", "host-z")
             intruder.allocate("10.201.0.1", "other")
             real_create(key, dumps(intruder.to_dict()))
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     store.create = racing_create
     try:
@@ -421,28 +421,53 @@ def test_release_pool_spares_a_newer_network_on_the_same_subnet(ipam, store):
     assert [a.address for a in ipam.list_allocations()] == [fresh]
 
 
-def test_request_address_undone_when_subnet_released_meanwhile(ipam, store):
-    pool_id, _cidr, _ = ipam.request_pool("10.201.0.0/24", None, {}, False)
+def _after_the_reservation_read(store, change):
+    """Makes store.get run change(entry) once, right after the service's first read
+    of a reservation: as another request does between that read and the block write."""
     real_get = store.get
-    calls = []
+    done = []
 
-    def get_then_release(key):
+    def get(key):
         entry = real_get(key)
-        # After the block write, the service re-reads the reservation: release first.
-        if key == subnet_key("10.201.0.0/24") and store.list(BLOCKS_PREFIX) and not calls:
-            calls.append(key)
-            store.delete(key, entry.revision)
-            entry = real_get(key)
+        if key.startswith(subnet_key("10.201.0.0/24")) and not done and entry is not None:
+            done.append(key)
+            change(entry)
         return entry
 
-    store.get = get_then_release
+    store.get = get
+    return done
+
+
+@pytest.mark.parametrize("address", [None, "10.201.0.9"])
+def test_nothing_is_allocated_for_a_subnet_released_after_it_was_read(ipam, store, address):
+    pool_id, _cidr, _ = ipam.request_pool("10.201.0.0/24", None, {}, False)
+    done = _after_the_reservation_read(store, lambda entry: store.delete(entry.key))
     try:
-        with pytest.raises(NotFound, match="was released while address 10.201.0.1"):
-            ipam.request_address(pool_id, None, {})
+        with pytest.raises(NotFound, match="10.201.0.0/24"):
+            ipam.request_address(pool_id, address, {})
     finally:
         del store.get
-    assert calls
+    assert done
     assert store.list(BLOCKS_PREFIX) == []
+
+
+def test_an_allocation_reads_again_a_reservation_changed_after_it_was_read(ipam, store):
+    """Another host joining the subnet rewrites its reservation: the guarded block write
+    fails, and the allocation is made on the fresh record."""
+    pool_id, _cidr, _ = ipam.request_pool("10.201.0.0/24", None, {}, False)
+
+    def join(entry):
+        rec = SubnetReservation.from_dict(entry.data)
+        joined = type(rec)(**{**rec.__dict__, "hosts": (*rec.hosts, "other-host")})
+        store.update(entry.key, dumps(joined.to_dict()), entry.revision)
+
+    done = _after_the_reservation_read(store, join)
+    try:
+        address = address_only(ipam.request_address(pool_id, None, {}))
+    finally:
+        del store.get
+    assert done
+    assert [a.address for a in ipam.list_allocations()] == [address]
 
 
 def test_list_pools_reports_usage(ipam):
@@ -483,10 +508,10 @@ def test_endless_conflicts_give_unavailable_and_change_nothing(store):
     before = snapshot(store)
 
     # Every write loses: the allocator's move to another block (or a new one) loses too.
-    def always_conflicting(key, value, revision):
+    def always_conflicting(key, value, revision, guard=None):
         raise RevisionConflict(key)
 
-    def always_taken(key, value):
+    def always_taken(key, value, guard=None):
         raise AlreadyExists(key)
 
     store.update, store.create = always_conflicting, always_taken

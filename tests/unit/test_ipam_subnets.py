@@ -134,10 +134,10 @@ def test_a_record_created_just_before_ours_wins(a, store):
     it is older, so ours is deleted and the retry refuses, naming it."""
     real_create = store.create
 
-    def create(key, value):
+    def create(key, value, guard=None):
         if key == subnet_key("10.201.1.0/24"):
             real_create(subnet_key("10.201.0.0/23"), pending("10.201.0.0/23"))
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     store.create = create
     try:
@@ -157,8 +157,8 @@ def test_a_record_created_just_before_ours_wins(a, store):
 def test_a_record_created_just_after_ours_yields(a, store):
     real_create = store.create
 
-    def create(key, value):
-        entry = real_create(key, value)
+    def create(key, value, guard=None):
+        entry = real_create(key, value, guard)
         if key == subnet_key("10.201.1.0/24"):
             real_create(subnet_key("10.201.0.0/23"), pending("10.201.0.0/23"))
         return entry
@@ -179,10 +179,10 @@ def test_a_record_created_just_after_ours_yields(a, store):
 def test_carving_moves_on_when_its_subnet_loses(a, store):
     real_create = store.create
 
-    def create(key, value):
+    def create(key, value, guard=None):
         if key == subnet_key("10.201.0.0/24"):
             real_create(subnet_key("10.201.0.0/25"), pending("10.201.0.0/25"))
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     store.create = create
     try:
@@ -213,10 +213,10 @@ def test_a_failed_request_leaves_no_pending_record(a, store):
     before = snapshot(store)
     real_update = store.update
 
-    def update(key, value, revision):
+    def update(key, value, revision, guard=None):
         if key.startswith(SUBNETS_PREFIX):
             raise DatastoreUnavailable("etcd went away")
-        return real_update(key, value, revision)
+        return real_update(key, value, revision, guard)
 
     store.update = update
     try:
@@ -238,12 +238,12 @@ def test_request_created_after_the_removal_listed_backs_off(store, path):
     real_create = requester_store.create
     removed = []
 
-    def create(key, value):
+    def create(key, value, guard=None):
         # The requester has read the pools (usable); the whole removal runs now.
         if key.startswith(SUBNETS_PREFIX) and not removed:
             remover.remove_pool("10.60.0.0/16")
             removed.append(True)
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     requester_store.create = create
     try:
@@ -263,8 +263,8 @@ def test_removal_dooms_a_pending_reservation_in_its_pool(store, path):
     requester = IpamService(requester_store, "b")
     real_create = requester_store.create
 
-    def create(key, value):
-        entry = real_create(key, value)
+    def create(key, value, guard=None):
+        entry = real_create(key, value, guard)
         if key.startswith(SUBNETS_PREFIX):
             # The removal sees the pending record and decides it itself: doomed.
             remover.remove_pool("10.60.0.0/16")
@@ -288,8 +288,8 @@ def test_removal_refused_by_a_reservation_settled_first(store, path):
     real_update = requester_store.update
     outcome = []
 
-    def update(key, value, revision):
-        entry = real_update(key, value, revision)
+    def update(key, value, revision, guard=None):
+        entry = real_update(key, value, revision, guard)
         if key.startswith(SUBNETS_PREFIX) and not outcome:
             try:
                 remover.remove_pool("10.60.0.0/16")
@@ -440,10 +440,10 @@ def test_a_claim_losing_to_the_last_release_makes_a_new_reservation(a, b, store)
     real_update = store.update
     freed = []
 
-    def update(key, value, revision):
+    def update(key, value, revision, guard=None):
         if key == subnet_key("10.201.1.0/24") and not freed:
             freed.append(a.release_pool("10.201.1.0/24"))  # the delete lands first
-        return real_update(key, value, revision)
+        return real_update(key, value, revision, guard)
 
     store.update = update
     try:
@@ -463,10 +463,10 @@ def test_a_gateway_allocated_by_another_host_meanwhile_is_shared(a, b, store, pa
     b2 = IpamService(b_store, "host-b")
     real_create = b_store.create
 
-    def create(key, value):
+    def create(key, value, guard=None):
         if key == block_key("10.201.1.0/26"):
             a.request_address("10.201.1.0/24", None, GATEWAY)  # A's write lands first
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     b_store.create = create
     try:
@@ -578,7 +578,7 @@ def test_a_slow_migrator_never_resurrects_a_released_subnet(store, path):
     real_create = slow_store.create
     interleaved = []
 
-    def create(key, value):
+    def create(key, value, guard=None):
         if not interleaved:
             # Before the slow migrator's first create: another process migrates,
             # and the network on 10.201.1.0/24 is removed.
@@ -586,7 +586,7 @@ def test_a_slow_migrator_never_resurrects_a_released_subnet(store, path):
             fast.list_subnets()
             fast.release_pool("10.201.1.0/24")
             interleaved.append(key)
-        return real_create(key, value)
+        return real_create(key, value, guard)
 
     slow_store.create = create
     try:
