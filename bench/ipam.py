@@ -7,10 +7,10 @@ processes (not threads: the clients must not share one interpreter lock):
 1. **SQLite**, one host: 1 client and 8 concurrent clients each allocate ``--count``
    addresses and release them again; then 8 clients fill the subnet to 99 % and the
    allocation rate is compared between windows at 0 %, 50 %, 90 % and 99 % full.
-2. **etcd**, three hosts (three plugins with their own host names on one etcd, the same
-   subnet shared by all three, as one network across hosts is): 8 clients per host at
-   once; allocations per second per host; then the same three hosts fill the subnet to
-   99 %.
+2. **etcd**, three hosts (``--etcd-hosts N`` for another number; plugins with their own
+   host names on one etcd, the same subnet shared by all, as one network across hosts
+   is): 8 clients per host at once; allocations per second per host; then the same
+   hosts fill the subnet to 99 %.
 3. The **baseline**: the same calls (fewer of them, it is slow) against the code of
    ``--baseline`` (a git revision; default the last commit before the affinity index),
    checked out in a temporary worktree and served from it with the same interpreter, in
@@ -22,7 +22,7 @@ while it was held), and every release must succeed.
 Usage (from the repository root; root is not needed):
     .venv/bin/python bench/ipam.py [--count 2000] [--baseline-count 300]
                                    [--baseline REV | --no-baseline] [--no-fill]
-                                   [--only sqlite|etcd] [--no-write]
+                                   [--only sqlite|etcd] [--etcd-hosts N] [--no-write]
 """
 
 from __future__ import annotations
@@ -396,9 +396,12 @@ def main() -> int:
     parser.add_argument("--no-fill", action="store_true")
     parser.add_argument("--only", choices=("sqlite", "etcd"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--etcd-hosts", type=int, default=3,
+                        help="plugins on the one etcd (all on this machine's CPUs)")
     args = parser.parse_args()
     kinds = [args.only] if args.only else ["sqlite", "etcd"]
-    hosts_of = {"sqlite": ["bench-h1"], "etcd": ["bench-h1", "bench-h2", "bench-h3"]}
+    hosts_of = {"sqlite": ["bench-h1"],
+                "etcd": [f"bench-h{n}" for n in range(1, args.etcd_hosts + 1)]}
     duplicates = Duplicates()
     results: dict[tuple[str, str], Figures] = {}
     for kind in kinds:
@@ -423,9 +426,9 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], Figures],
              "`.venv/bin/python bench/ipam.py` (`--no-write` only prints): "
              "`IpamDriver.RequestAddress` and `ReleaseAddress` over the real plugin sockets "
              f"(`calico-cnm serve`, 2 workers x 8 threads, no agent) in the /16 {POOL}, "
-             "from client processes with one keep-alive connection each; on etcd three "
-             "plugins with their own host names share one etcd and one subnet and "
-             f"allocate at once. {time.strftime('%Y-%m-%d')}, {cpus} CPUs; the baseline "
+             "from client processes with one keep-alive connection each; on etcd "
+             f"{args.etcd_hosts} plugins with their own host names share one etcd and one "
+             f"subnet and allocate at once. {time.strftime('%Y-%m-%d')}, {cpus} CPUs; the baseline "
              f"is commit {args.baseline} (every allocation listed and parsed every block "
              "of the subnet), run in the same session "
              f"with {args.baseline_count} allocations per phase and host.", "",
@@ -437,7 +440,7 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], Figures],
         if now is None:
             continue
         base = results.get((kind, "base"))
-        per = " per host (3 hosts at once)" if kind == "etcd" else ""
+        per = f" per host ({args.etcd_hosts} hosts at once)" if kind == "etcd" else ""
         rows = [("1 client", now.one_client, base.one_client if base else None, ""),
                 (f"8 clients{per}", now.eight_clients,
                  base.eight_clients if base else None, targets[kind]),
