@@ -118,10 +118,12 @@ class BlockStore:
     process's view. attempts(what) gives the retry loop of a compare-and-swap."""
 
     def __init__(self, store: Datastore, hostname: str,
-                 attempts: Callable[[str], Iterator[int]], parallel_blocks: int = 2) -> None:
+                 attempts: Callable[[str], Iterator[int]], compact: Callable[[], bool],
+                 parallel_blocks: int = 2) -> None:
         self.store = store
         self.hostname = hostname
         self._attempts = attempts
+        self._compact = compact  # whether to write format 2 records (block_format.py)
         self.view = BlockView(hostname, block_key, parallel_blocks)
 
     # ================================================================ reading
@@ -186,7 +188,7 @@ class BlockStore:
                 self.delete(key, revision, block.host)
             return None
         if revision is not None:
-            entry = self.store.update(key, dumps(block.to_dict()), revision, guard)
+            entry = self.store.update(key, dumps(block.to_dict(self._compact())), revision, guard)
         else:
             entry = self._create(key, block, guard)
         self.view.learn(key, entry.revision, block)
@@ -246,7 +248,7 @@ class BlockStore:
         if host:
             self._write_index(host, cidr)
         try:
-            entry = self.store.create(key, dumps(block.to_dict()), guard)
+            entry = self.store.create(key, dumps(block.to_dict(self._compact())), guard)
         except (AlreadyExists, GuardChanged):
             if host:
                 self._drop_index(host, cidr)

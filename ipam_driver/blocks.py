@@ -83,6 +83,15 @@ class AddressAllocation:
         return cls(handle=data.get("handle"), attrs=dict(data.get("attrs") or {}))
 
 
+def _compact_allocation(attributes: list[dict[str, Any]], record: Any, where: str
+                        ) -> AddressAllocation:
+    """One address of a format 2 block: [index into attributes, handle]."""
+    if (not isinstance(record, list) or len(record) != 2 or type(record[0]) is not int
+            or not 0 <= record[0] < len(attributes)):
+        raise ValueError(f"{where}: malformed allocation {record!r}")
+    return AddressAllocation(record[1], dict(attributes[record[0]]))
+
+
 class AllocationBlock:
     """2 ** (max_prefix - prefixlen) addresses with host affinity and per-address records."""
 
@@ -228,25 +237,50 @@ class AllocationBlock:
 
     # ----------------------------------------------------------- persistence
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """The stored record. compact (format 2) keeps each distinct attribute set once,
+        with [attribute index, handle] per address: a full block is a quarter the size.
+        A version that knows only format 1 fails on it rather than misreading it."""
         version = self.version
-        return {
-            "cidr": str(self.cidr),
-            "host": self.host,
-            "allocations": {
-                address_text(value, version): record.to_dict()
-                for value, record in sorted(self._allocations.items())
-            },
-        }
+        if not compact:
+            return {
+                "cidr": str(self.cidr),
+                "host": self.host,
+                "allocations": {
+                    address_text(value, version): record.to_dict()
+                    for value, record in sorted(self._allocations.items())
+                },
+            }
+        attributes: list[dict[str, Any]] = []
+        allocations: dict[str, list[Any]] = {}
+        for value, record in sorted(self._allocations.items()):
+            # A block has a few distinct sets: comparing dicts beats keying by JSON.
+            index = next((i for i, known in enumerate(attributes) if known == record.attrs),
+                         len(attributes))
+            if index == len(attributes):
+                attributes.append(dict(record.attrs))
+            allocations[address_text(value, version)] = [index, record.handle]
+        return {"cidr": str(self.cidr), "host": self.host, "format": 2,
+                "attributes": attributes, "allocations": allocations}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AllocationBlock:
-        """Rebuild a block; ValueError if an address lies outside it."""
+        """Rebuild a block of either format; ValueError if an address lies outside it
+        or refers to an attribute set that is not there."""
         cidr = IPNetwork(data["cidr"])
-        allocations = {
-            address_value(address, cidr.version): AddressAllocation.from_dict(record)
-            for address, record in (data.get("allocations") or {}).items()
-        }
+        raw = data.get("allocations") or {}
+        if data.get("format", 1) == 1:
+            allocations = {
+                address_value(address, cidr.version): AddressAllocation.from_dict(record)
+                for address, record in raw.items()
+            }
+        else:
+            attributes = data.get("attributes") or []
+            allocations = {
+                address_value(address, cidr.version): _compact_allocation(
+                    attributes, record, f"block {cidr}, address {address}")
+                for address, record in raw.items()
+            }
         return cls(cidr, data.get("host"), allocations)
 
     def __eq__(self, other: object) -> bool:

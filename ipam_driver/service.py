@@ -135,6 +135,7 @@ from datastore.base import (
     unavailable_as_error,
 )
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from ipam_driver.block_format import BlockFormat, set_block_format
 from ipam_driver.block_store import (
     BlockStore,
     block_key,
@@ -308,7 +309,7 @@ class IpamService:
         self.network_prefix = {4: network_prefix_v4, 6: network_prefix_v6}
         self.max_attempts = max(1, max_attempts)
         self._migrated = False
-        self.blocks = BlockStore(store, hostname, self._attempts)
+        self.blocks = BlockStore(store, hostname, self._attempts, BlockFormat(store).compact)
 
     # ================================================================== pools
 
@@ -700,6 +701,12 @@ class IpamService:
         if opts:
             attrs["options"] = opts
         return attrs
+
+    @_store_errors
+    def set_block_format(self, block_format: int) -> int:
+        """Store the block record format (1 rewrites every block in it: see
+        block_format.py); how many blocks were rewritten."""
+        return set_block_format(self.store, block_format, self._attempts)
 
     @_store_errors
     def release_address(self, pool_id: str, address: str) -> None:

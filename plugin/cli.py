@@ -15,6 +15,7 @@ from typing import Any
 from datastore.base import Datastore, DatastoreError
 from datastore.errors import CalicoCnmError
 from driver.records import ENDPOINTS, NETWORKS, EndpointRecord, NetworkRecord
+from ipam_driver.block_format import REFRESH_SECONDS, read_block_format
 from ipam_driver.pools import ENCAP_MODES
 from plugin import settings as settings_module
 from plugin.bgp_cli import add_bgp_commands
@@ -122,6 +123,22 @@ def cmd_ipam_release(settings: Settings, store: Datastore, args: argparse.Namesp
     released = build_ipam(settings, store).release_handle(args.handle)
     print(f"released {len(released)} address(es): {' '.join(released) or '-'}")
     return 0 if released else 1
+
+
+def cmd_ipam_block_format(settings: Settings, store: Datastore, args: argparse.Namespace
+                          ) -> int:
+    if args.format is None:
+        current = read_block_format(store)
+        print(f"block format {current}" if current is not None else
+              "block format not decided yet (no block written): a first block makes it 2")
+        return 0
+    if args.format == 1:
+        print(f"setting block format 1; waiting {REFRESH_SECONDS + 1:.0f} s for every "
+              "process to see it, then rewriting format 2 blocks", flush=True)
+    rewritten = build_ipam(settings, store).set_block_format(args.format)
+    print(f"block format {args.format}" + (f"; {rewritten} block(s) rewritten in format 1"
+                                           if args.format == 1 else ""))
+    return 0
 
 
 def cmd_network_show(settings: Settings, store: Datastore, args: argparse.Namespace) -> int:
@@ -244,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="release every address held by a handle (a leak)")
     release.add_argument("--handle", required=True)
     release.set_defaults(handler=cmd_ipam_release)
+    block_format = ipam_commands.add_parser(
+        "block-format", parents=[common],
+        help="show or set the allocation block record format (2 is compact; versions "
+             "before it read only 1: set 1 before going back to one)")
+    block_format.add_argument("format", nargs="?", type=int, choices=(1, 2))
+    block_format.set_defaults(handler=cmd_ipam_block_format)
 
     network = commands.add_parser("network", help="calico networks known to the datastore")
     network_commands = network.add_subparsers(dest="network_command", required=True,

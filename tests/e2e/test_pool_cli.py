@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e.conftest import Stack
+from datastore.sqlite import SqliteDatastore
+from ipam_driver.block_store import BLOCKS_PREFIX
+from tests.e2e.conftest import STATE_DIR, Stack
 
 
 def _pools(stack: Stack) -> dict[str, dict]:
@@ -67,3 +69,29 @@ def test_pool_in_use_cannot_be_removed(stack: Stack) -> None:
         stack.containers.clear()
         stack.networks.clear()
         cli("pool", "remove", "10.206.0.0/24")
+
+
+def test_block_format_back_to_1_and_forward_again_under_a_running_plugin(
+        stack: Stack) -> None:
+    """Before a downgrade: every block rewritten in format 1 while containers hold their
+    addresses, which the plugin keeps serving; then format 2 again."""
+    cli = stack.plugin.cli
+    net = stack.network()
+    running = stack.container(net)
+    held = json.loads(cli("ipam", "show", "-o", "json").stdout)
+    assert cli("ipam", "block-format").stdout.strip() == "block format 2"
+    out = cli("ipam", "block-format", "1").stdout
+    assert "block format 1" in out and "rewritten in format 1" in out
+    store = SqliteDatastore(str(STATE_DIR / "state.db"))
+    try:
+        assert {e.data.get("format", 1) for e in store.list(BLOCKS_PREFIX)} == {1}
+    finally:
+        store.close()
+    assert json.loads(cli("ipam", "show", "-o", "json").stdout) == held
+    other = stack.container(net)
+    assert stack.address(other, net) not in {a["address"] for a in held}
+    cli("ipam", "block-format", "2")
+    assert cli("ipam", "block-format").stdout.strip() == "block format 2"
+    stack.exec(running, "ping", "-c", "1", "-W", "2", stack.address(other, net))
+    result = cli("ipam", "block-format", "3", check=False)
+    assert result.returncode != 0 and "invalid choice" in result.stderr

@@ -9,6 +9,7 @@ from netaddr import IPAddress, IPNetwork, IPRange, IPSet
 
 from datastore.errors import Conflict, InvalidRequest, NotFound
 from ipam_driver.blocks import (
+    AddressAllocation,
     AddressInUse,
     AddressNotAllocated,
     AddressOutsideBlock,
@@ -188,6 +189,47 @@ def test_to_dict_round_trip_is_json():
     assert again == block
     assert again.host == "h1"
     assert ips(again) == ["10.0.0.0", "10.0.0.9"]
+
+
+def _full_block() -> AllocationBlock:
+    block = AllocationBlock("10.0.0.0/26", "h1")
+    shared = {"kind": "container", "subnet": "10.0.0.0/16", "requested_by": "h1",
+              "reservation": "0123456789abcdef0123456789abcdef"}
+    block.allocate_next(attrs={"kind": "gateway", "hosts": ["h1", "h2"]})
+    while block.allocate_next(attrs=shared) is not None:
+        pass
+    block.set_handle("10.0.0.9", "ep9")
+    return block
+
+
+def test_compact_record_round_trips_and_keeps_each_attribute_set_once():
+    block = _full_block()
+    data = json.loads(json.dumps(block.to_dict(compact=True)))
+    assert data["format"] == 2
+    assert len(data["attributes"]) == 2
+    assert data["allocations"]["10.0.0.9"] == [1, "ep9"]
+    again = AllocationBlock.from_dict(data)
+    assert again == block and again.host == "h1"
+    assert again.get("10.0.0.9").attrs == block.get("10.0.0.9").attrs
+    # Records are independent again: editing one edits no other.
+    again.get("10.0.0.9").attrs["kind"] = "aux"
+    assert again.get("10.0.0.10").attrs["kind"] == "container"
+    assert len(json.dumps(data)) * 3 < len(json.dumps(block.to_dict()))
+
+
+def test_a_format_1_reader_fails_on_a_compact_record_instead_of_misreading_it():
+    """Versions before format 2 parse each address record as {"handle", "attrs"}."""
+    record = _full_block().to_dict(compact=True)["allocations"]["10.0.0.9"]
+    with pytest.raises(AttributeError):
+        AddressAllocation.from_dict(record)
+
+
+@pytest.mark.parametrize("allocation", [[5, None], ["x"], 3])
+def test_a_malformed_compact_record_is_refused(allocation):
+    data = {"cidr": "10.0.0.0/26", "host": "h1", "format": 2,
+            "attributes": [{"kind": "container"}], "allocations": {"10.0.0.1": allocation}}
+    with pytest.raises(ValueError, match="malformed allocation"):
+        AllocationBlock.from_dict(data)
 
 
 def test_from_dict_rejects_address_outside_block():
