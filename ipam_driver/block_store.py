@@ -384,12 +384,34 @@ class BlockStore:
         self.view.add_candidate(scope, key)
         return ip
 
+    def _borrow(self, scope: Scope, key: str, revision: int, block: AllocationBlock,
+                attrs: dict[str, Any], attempts: Iterator[int], guard: Guard | None
+                ) -> IPAddress | None:
+        """An address from another host's block as read at revision; None when it had
+        no room left or the write lost (the block is dropped from the offers then)."""
+        ip = block.allocate_next(block.ranges_within(scope.allowed), None, attrs)
+        if ip is None:
+            return None
+        try:
+            entry = self.write(key, revision, block, guard)
+        except RevisionConflict:
+            next(attempts)
+            return None
+        if entry is not None and block.has_free(block.ranges_within(scope.allowed)):
+            self.view.offer_borrowable(scope, key, entry.revision, block)
+        return ip
+
     def _allocate_listing(self, scope: Scope, rec: SubnetReservation,
                           attrs: dict[str, Any], attempts: Iterator[int],
                           guard: Guard | None) -> IPAddress | None:
-        """The slow path, once the cursor has passed every cell: read every block of
-        the scope. Own blocks with room become candidates again (None: pick again);
-        else claim a cell freed since, else borrow from another host's block."""
+        """The slow path, once the cursor has passed every cell. First borrow from the
+        other hosts' blocks the last listing found with room; when none is left, read
+        every block of the scope. Own blocks with room become candidates again (None:
+        pick again); else claim a cell freed since, else borrow from another host's
+        block (the others with room are kept for the next allocations)."""
+        offered = self.view.take_borrowable(scope)
+        if offered is not None:
+            return self._borrow(scope, *offered, attrs, attempts, guard)
         blocks = self.overlapping(rec.scope, rec.block_size)
         own = [(e, b) for e, b in blocks if b.host == self.hostname]
         others = [(e, b) for e, b in blocks if b.host != self.hostname]
@@ -412,16 +434,14 @@ class BlockStore:
             if cell.first not in existing:
                 self.view.return_cell(scope, cell)
                 return None
-        for entry, block in others:
-            ip = block.allocate_next(block.ranges_within(scope.allowed), None, attrs)
-            if ip is None:
-                continue
-            try:
-                self.write(entry.key, entry.revision, block, guard)
-            except RevisionConflict:
-                next(attempts)
-                return None
-            return ip
+        roomy_others = [(entry, block) for entry, block in others
+                        if block.has_free(block.ranges_within(scope.allowed))]
+        for entry, block in roomy_others[1:]:
+            self.view.offer_borrowable(scope, entry.key, entry.revision, block)
+        if roomy_others:
+            entry, block = roomy_others[0]
+            return self._borrow(scope, entry.key, entry.revision, block, attrs, attempts,
+                                guard)
         where = (f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool
                  else f"subnet {rec.cidr}")
         raise Exhausted(f"no free address left in {where}")

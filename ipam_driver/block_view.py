@@ -14,11 +14,15 @@ candidates at once (a block being written is *busy*), up to ``parallel_blocks`` 
 them; past that they wait for a busy block rather than claim more blocks than the
 load needs. A block on which this process lost the compare-and-swap twice in one
 request (another process of the host is filling it) is *avoided* for a moment, so
-that two processes drift onto different blocks instead of fighting over one.
+that two processes drift onto different blocks instead of fighting over one. Each
+process also scans its candidates from its own random starting point: in a nearly
+full subnet each candidate has one or two free addresses, and processes that all
+began with the first would lose the compare-and-swap to each other on every block.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +54,9 @@ class Scope:
     # Cells of this scope whose block this process deleted (emptied): free again,
     # and claimed before the cursor moves on.
     returned: list[IPNetwork] = field(default_factory=list)
+    # Other hosts' blocks with room, as the last full listing read them (revision and
+    # block): borrowed from in turn before the subnet is listed again.
+    borrowable: dict[str, tuple[int, AllocationBlock]] = field(default_factory=dict)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -57,7 +64,7 @@ class BlockView:
     """Cached blocks (key -> (revision, block)) and per-scope allocation state."""
 
     def __init__(self, hostname: str, key_of: Callable[[IPNetwork], str],
-                 parallel_blocks: int = 2) -> None:
+                 parallel_blocks: int = 2, start: float | None = None) -> None:
         self.hostname = hostname
         self.key_of = key_of
         self.parallel_blocks = max(1, parallel_blocks)
@@ -66,6 +73,8 @@ class BlockView:
         self._scopes: dict[tuple[str, str | None, int], Scope] = {}
         self._busy: set[str] = set()
         self._avoid: dict[str, float] = {}
+        # Where this process begins its scans, as a fraction of the candidates.
+        self._start = random.random() if start is None else start
 
     # ------------------------------------------------------------------ scopes
 
@@ -117,7 +126,7 @@ class BlockView:
                 now = time.monotonic()
                 busy_here = 0
                 avoided: str | None = None
-                for key in scope.candidates:
+                for key in self._scan_order(scope):
                     if key in self._busy:
                         busy_here += 1
                     elif self._avoid.get(key, 0.0) > now:
@@ -132,6 +141,11 @@ class BlockView:
                 if busy_here == 0 or (busy_here < self.parallel_blocks and cells_left):
                     return None
                 self._lock.wait(BUSY_WAIT_SECONDS)
+
+    def _scan_order(self, scope: Scope) -> list[str]:
+        keys = list(scope.candidates)
+        first = int(self._start * len(keys))
+        return keys[first:] + keys[:first]
 
     def done(self, key: str) -> None:
         """The block picked is no longer being written by this thread."""
@@ -173,8 +187,12 @@ class BlockView:
             current = self._blocks.get(key)
             if current is not None and current[0] > revision:
                 return  # a newer write by another thread is already known
-            if block.host != self.hostname:
+            if block.host != self.hostname:  # one we borrowed from: still not ours
+                foreign_in = [scope for scope in self._scopes.values()
+                              if key in scope.foreign]
                 self._drop(key)
+                for scope in foreign_in:
+                    scope.foreign.add(key)
                 return
             self._blocks[key] = (revision, block)
             for scope in self._scopes.values():
@@ -214,6 +232,24 @@ class BlockView:
             scope.full.discard(key)
             scope.foreign.discard(key)
             scope.ranges.pop(key, None)
+
+
+    # --------------------------------------------------------------- borrowing
+
+    def offer_borrowable(self, scope: Scope, key: str, revision: int,
+                         block: AllocationBlock) -> None:
+        """Another host's block with room, as read at revision (the view keeps block)."""
+        with self._lock:
+            scope.borrowable[key] = (revision, block)
+
+    def take_borrowable(self, scope: Scope) -> tuple[str, int, AllocationBlock] | None:
+        """One offered block, taken out so that no other thread writes it meanwhile."""
+        with self._lock:
+            if not scope.borrowable:
+                return None
+            key = next(iter(scope.borrowable))
+            revision, block = scope.borrowable.pop(key)
+            return key, revision, block
 
 
 def _overlaps(cell: IPNetwork, scope: Scope) -> bool:

@@ -83,12 +83,12 @@ class AddressAllocation:
         return cls(handle=data.get("handle"), attrs=dict(data.get("attrs") or {}))
 
 
-def _compact_allocation(attributes: list[dict[str, Any]], record: Any, where: str
-                        ) -> AddressAllocation:
+def _compact_allocation(attributes: list[dict[str, Any]], record: Any, cidr: IPNetwork,
+                        address: str) -> AddressAllocation:
     """One address of a format 2 block: [index into attributes, handle]."""
     if (not isinstance(record, list) or len(record) != 2 or type(record[0]) is not int
             or not 0 <= record[0] < len(attributes)):
-        raise ValueError(f"{where}: malformed allocation {record!r}")
+        raise ValueError(f"block {cidr}, address {address}: malformed allocation {record!r}")
     return AddressAllocation(record[1], dict(attributes[record[0]]))
 
 
@@ -278,7 +278,7 @@ class AllocationBlock:
             attributes = data.get("attributes") or []
             allocations = {
                 address_value(address, cidr.version): _compact_allocation(
-                    attributes, record, f"block {cidr}, address {address}")
+                    attributes, record, cidr, address)
                 for address, record in raw.items()
             }
         return cls(cidr, data.get("host"), allocations)

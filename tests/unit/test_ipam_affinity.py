@@ -140,3 +140,23 @@ def test_two_hosts_share_a_subnet_without_duplicates_and_each_indexes_its_own(tm
     assert len(set(got)) == len(got) == 252  # the whole /24 but network, broadcast, gateway
     for host in ("a", "b"):
         assert _host_index(store, host) == _host_blocks(store, host)
+
+
+def test_borrowing_lists_the_subnet_once_for_many_addresses(tmp_path):
+    """Every cell of the subnet (32 blocks: listed, not read one by one) is another
+    host's: the first borrow lists the blocks, the next ones use what that listing
+    found with room."""
+    path = str(tmp_path / "s.db")
+    owner = _network(SqliteDatastore(path), "10.100.0.0/21")
+    taken = [owner.request_address("10.100.0.0/21", None, {}).split("/")[0]
+             for _ in range(2030)]  # all 32 blocks
+    for address in taken[:1500:50]:  # room in the others too
+        owner.release_address("10.100.0.0/21", address)
+    store = CountingStore(SqliteDatastore(path))
+    borrower = IpamService(store, "h2")
+    borrower.request_pool("10.100.0.0/21", None, {}, False)
+    got = [borrower.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(40)]
+    assert len(set(got)) == 40 and not set(got) & set(taken[1500:])
+    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
+    assert {e.data["host"] for e in store.list(BLOCKS_PREFIX)} == {"h1"}
