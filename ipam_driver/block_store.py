@@ -389,7 +389,8 @@ class BlockStore:
                 ) -> IPAddress | None:
         """An address from another host's block as read at revision; None when it had
         no room left or the write lost (the block is dropped from the offers then)."""
-        ip = block.allocate_next(block.ranges_within(scope.allowed), None, attrs)
+        ranges = self.view.ranges(scope, key, block)
+        ip = block.allocate_next(ranges, None, attrs)
         if ip is None:
             return None
         try:
@@ -397,7 +398,7 @@ class BlockStore:
         except RevisionConflict:
             next(attempts)
             return None
-        if entry is not None and block.has_free(block.ranges_within(scope.allowed)):
+        if entry is not None and block.has_free(ranges):
             self.view.offer_borrowable(scope, key, entry.revision, block)
         return ip
 
@@ -435,7 +436,7 @@ class BlockStore:
                 self.view.return_cell(scope, cell)
                 return None
         roomy_others = [(entry, block) for entry, block in others
-                        if block.has_free(block.ranges_within(scope.allowed))]
+                        if block.has_free(self.view.ranges(scope, entry.key, block))]
         for entry, block in roomy_others[1:]:
             self.view.offer_borrowable(scope, entry.key, entry.revision, block)
         if roomy_others:
