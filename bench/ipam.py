@@ -64,7 +64,8 @@ WINDOW_REPEATS = 5
 # ----------------------------------------------------------------- the client side
 
 class UnixHttp:
-    """One keep-alive HTTP/1.1 connection to a plugin socket (as dockerd keeps one)."""
+    """An HTTP/1.1 client of a plugin socket that, as dockerd's, keeps its connection
+    unless a reply says `Connection: close` (as a stopping gunicorn worker's does)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -95,15 +96,22 @@ class UnixHttp:
             self._read()
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
         length = 0
+        closing = False
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
+            name = name.strip().lower()
+            if name == b"content-length":
                 length = int(value)
+            elif name == b"connection":
+                closing = value.strip().lower() == b"close"
         while len(rest) < length:
             self.buffer = rest
             self._read()
             rest = self.buffer
         self.buffer = rest[length:]
+        if closing and self.sock is not None:
+            self.sock.close()
+            self.sock = None
         status = int(head.split(b" ", 2)[1])
         reply = json.loads(rest[:length])
         if status != 200 or reply.get("Error"):
@@ -426,7 +434,8 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], Figures],
              "`.venv/bin/python bench/ipam.py` (`--no-write` only prints): "
              "`IpamDriver.RequestAddress` and `ReleaseAddress` over the real plugin sockets "
              f"(`calico-cnm serve`, 2 workers x 8 threads, no agent) in the /16 {POOL}, "
-             "from client processes with one keep-alive connection each; on etcd "
+             "from client processes that, as dockerd, reuse one connection unless told to "
+             "close; on etcd "
              f"{args.etcd_hosts} plugins with their own host names share one etcd and one "
              f"subnet and allocate at once. {time.strftime('%Y-%m-%d')}, {cpus} CPUs; the baseline "
              f"is commit {args.baseline} (every allocation listed and parsed every block "

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # How long start-up waits for the default pools before binding the sockets (seconds).
 DEFAULT_POOLS_WAIT = 2.0
+KEEPALIVE_SECONDS = 86_400
 
 
 def _socket_answers(path: str) -> bool:
@@ -97,6 +98,11 @@ class PluginServer(BaseApplication):
             "worker_class": "gthread",
             "threads": settings.threads,
             "timeout": 60,
+            # dockerd keeps idle connections for ever. A server that closes one just as
+            # a call is sent makes dockerd retry that call with its body already
+            # consumed, i.e. empty (DESIGN.md §2): so idle connections stay for a day.
+            # (Closing after every reply instead doubles a lone client's latency.)
+            "keepalive": KEEPALIVE_SECONDS,
             "graceful_timeout": 5,
             "loglevel": settings.log_level,
             "accesslog": "-" if settings.log_level == "debug" else None,
