@@ -29,14 +29,17 @@ block of this host with a free address in the scope and compare-and-swap it on t
 cached revision (one write; a lost race costs a re-read of that one block). When
 no known block has room, claim the next unclaimed grid cell (one read per cell
 already taken by another host; this process's cursor passes each cell once). Only
-when the cursor has passed every cell is the subnet's whole block list read: to
-find addresses freed by other processes, cells freed since, and, last, another
-host's block to borrow from. So the cost of an allocation does not grow with the
-number of blocks or hosts until the subnet is nearly full.
+when the cursor has passed every cell does the slow path begin: first the blocks
+changed since the view last read them, from the store's change history (addresses
+other processes freed); if none of this host's has room, the subnet's whole block
+list: cells freed since and, last, another host's block to borrow from. So the
+cost of an allocation does not grow with the number of blocks or hosts until the
+subnet is nearly full, and even then it reads only what changed.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -62,6 +65,12 @@ AFFINITY_PREFIX = ROOT + "ipam/affinity/"
 
 # Above this many grid blocks in a range, list every block instead of one get per block.
 MAX_BLOCK_GETS = 16
+# Changes behind (store revisions) beyond which the slow path lists every block
+# rather than reading the history: each change carries a whole block, but only the
+# last change of each block is parsed, so a few changes per known block still cost
+# less than parsing every block.
+CATCH_UP_PER_BLOCK = 4
+CATCH_UP_MIN_CHANGES = 256
 
 T = TypeVar("T")
 Change = Callable[[AllocationBlock | None], tuple[AllocationBlock | None, T]]
@@ -308,6 +317,7 @@ class BlockStore:
         with scope.load_lock:
             if scope.loaded:
                 return
+            scope.caught_up = self.store.current_revision()
             net = rec.scope
             for entry in self.store.list(affinity_prefix(self.hostname)):
                 cidr = _cidr_of(entry.key[len(affinity_prefix(self.hostname)):])
@@ -407,13 +417,63 @@ class BlockStore:
                           guard: Guard | None) -> IPAddress | None:
         """The slow path, once the cursor has passed every cell. First borrow from the
         other hosts' blocks the last listing found with room; when none is left, read
-        every block of the scope. Own blocks with room become candidates again (None:
-        pick again); else claim a cell freed since, else borrow from another host's
-        block (the others with room are kept for the next allocations)."""
+        the blocks changed since the view's last read (None: one of ours has room,
+        pick again); only if none has, read every block of the scope (_list_scope)."""
         offered = self.view.take_borrowable(scope)
         if offered is not None:
             return self._borrow(scope, *offered, attrs, attempts, guard)
+        generation = scope.slow_generation
+        with scope.slow_lock:
+            if scope.slow_generation != generation:
+                return None  # another thread has just been here: pick again
+            scope.slow_generation += 1
+            if self._catch_up(scope, rec):
+                return None
+            return self._list_scope(scope, rec, attrs, attempts, guard)
+
+    def _catch_up(self, scope: Scope, rec: SubnetReservation) -> bool:
+        """Learn the scope's blocks changed since the view last read them, from the
+        store's history; True when one of this host's has room again. False when
+        none has, or the view is too far behind or the history is gone."""
+        since = scope.caught_up
+        known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
+        limit = max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known)
+        if since is None or self.store.current_revision() - since > limit:
+            return False
+        try:
+            events = self.store.watch(BLOCKS_PREFIX, since, timeout=0)
+        except RevisionConflict:
+            return False  # compacted
+        latest = {event.key: event for event in events}  # only the last change counts
+        net = rec.scope
+        roomy = False
+        for key, event in latest.items():
+            cidr = block_cidr_from_key(key)
+            if cidr.version != net.version or cidr.first > net.last or net.first > cidr.last:
+                continue
+            if event.kind != "put" or event.value is None:
+                self.view.forget(key)
+                continue
+            block = AllocationBlock.from_dict(json.loads(event.value))
+            if block.host != self.hostname:
+                continue  # borrowing waits for the full listing, as before
+            self.view.learn(key, event.revision, block)
+            if block.has_free(self.view.ranges(scope, key, block)):
+                self.view.add_candidate(scope, key)
+                roomy = True
+        if events:
+            scope.caught_up = max(event.revision for event in events)
+        return roomy
+
+    def _list_scope(self, scope: Scope, rec: SubnetReservation,
+                    attrs: dict[str, Any], attempts: Iterator[int],
+                    guard: Guard | None) -> IPAddress | None:
+        """Every block of the scope. Own blocks with room become candidates again (None:
+        pick again); else claim a cell freed since, else borrow from another host's
+        block (the others with room are kept for the next allocations)."""
+        revision = self.store.current_revision()  # before the read: nothing missed
         blocks = self.overlapping(rec.scope, rec.block_size)
+        scope.caught_up = revision
         own = [(e, b) for e, b in blocks if b.host == self.hostname]
         others = [(e, b) for e, b in blocks if b.host != self.hostname]
         self.view.restart_cells(

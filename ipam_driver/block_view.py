@@ -58,6 +58,14 @@ class Scope:
     # block): borrowed from in turn before the subnet is listed again.
     borrowable: dict[str, tuple[int, AllocationBlock]] = field(default_factory=dict)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The store revision up to which this view has seen every change of the scope's
+    # blocks (set before each full read), so the slow path can read only what
+    # changed since; None: not known, list instead.
+    caught_up: int | None = None
+    # One thread at a time on the slow path; a waiter whose turn comes after another
+    # thread's pass (the generation moved) just picks again.
+    slow_lock: threading.Lock = field(default_factory=threading.Lock)
+    slow_generation: int = 0
 
 
 class BlockView:

@@ -3,8 +3,12 @@ an index that is never missing for a block, stale entries dropped."""
 
 from __future__ import annotations
 
+import pytest
+
 from datastore.base import Datastore, Entry, Guard, dumps
+from datastore.errors import Exhausted
 from datastore.sqlite import SqliteDatastore
+from ipam_driver import block_store
 from ipam_driver.block_store import AFFINITY_PREFIX, BLOCKS_PREFIX, affinity_key
 from ipam_driver.service import IpamService
 
@@ -160,3 +164,42 @@ def test_borrowing_lists_the_subnet_once_for_many_addresses(tmp_path):
     assert len(set(got)) == 40 and not set(got) & set(taken[1500:])
     assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
     assert {e.data["host"] for e in store.list(BLOCKS_PREFIX)} == {"h1"}
+
+
+def _filled_by_two_processes(tmp_path, subnet: str = "10.100.0.0/21"
+                             ) -> tuple[IpamService, CountingStore, list[str]]:
+    """Two processes of host h1 on one file: the first fills the subnet (its view has
+    read every block, full); the second frees 30 addresses spread over the blocks."""
+    path = str(tmp_path / "s.db")
+    store = CountingStore(SqliteDatastore(path))
+    first = _network(store, subnet)
+    taken = []
+    with pytest.raises(Exhausted):
+        while True:
+            taken.append(first.request_address(subnet, None, {}).split("/")[0])
+    second = IpamService(SqliteDatastore(path), "h1")
+    freed = taken[::67][:30]
+    for address in freed:
+        second.release_address(subnet, address)
+    store.prefixes.clear()
+    return first, store, freed
+
+
+def test_addresses_freed_by_another_process_are_found_from_the_history(tmp_path):
+    first, store, freed = _filled_by_two_processes(tmp_path)
+    got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(freed))]
+    assert sorted(got) == sorted(freed)
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+    with pytest.raises(Exhausted):
+        first.request_address("10.100.0.0/21", None, {})
+
+
+def test_a_view_too_far_behind_lists_the_blocks_and_still_finds_them(tmp_path, monkeypatch):
+    first, store, freed = _filled_by_two_processes(tmp_path)
+    monkeypatch.setattr(block_store, "CATCH_UP_MIN_CHANGES", 10)  # 30 changes behind
+    monkeypatch.setattr(block_store, "CATCH_UP_PER_BLOCK", 0)
+    got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(freed))]
+    assert sorted(got) == sorted(freed)
+    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
