@@ -39,7 +39,6 @@ subnet is nearly full, and even then it reads only what changed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -58,7 +57,7 @@ from datastore.base import (
 from datastore.errors import Exhausted
 from ipam_driver.block_view import BlockView, Scope
 from ipam_driver.blocks import AllocationBlock
-from ipam_driver.pools import SubnetReservation, grid_block
+from ipam_driver.pools import SubnetReservation, grid_block, networks_overlap
 
 BLOCKS_PREFIX = ROOT + "ipam/blocks/"
 AFFINITY_PREFIX = ROOT + "ipam/affinity/"
@@ -176,8 +175,7 @@ class BlockStore:
         else:
             for entry in self.store.list(BLOCKS_PREFIX):
                 cidr = block_cidr_from_key(entry.key)
-                if (cidr.version == scope.version and cidr.first <= scope.last
-                        and scope.first <= cidr.last):
+                if networks_overlap(cidr, scope):
                     entries.append(entry)
         blocks = [(entry, AllocationBlock.from_dict(entry.data)) for entry in entries]
         blocks.sort(key=lambda item: item[1].cidr.first)
@@ -321,8 +319,7 @@ class BlockStore:
             net = rec.scope
             for entry in self.store.list(affinity_prefix(self.hostname)):
                 cidr = _cidr_of(entry.key[len(affinity_prefix(self.hostname)):])
-                if (cidr.version != net.version or cidr.first > net.last
-                        or net.first > cidr.last):
+                if not networks_overlap(cidr, net):
                     continue
                 key = block_key(cidr)
                 _entry, block = self.read(key)
@@ -448,13 +445,12 @@ class BlockStore:
         net = rec.scope
         roomy = False
         for key, event in latest.items():
-            cidr = block_cidr_from_key(key)
-            if cidr.version != net.version or cidr.first > net.last or net.first > cidr.last:
+            if not networks_overlap(block_cidr_from_key(key), net):
                 continue
             if event.kind != "put" or event.value is None:
                 self.view.forget(key)
                 continue
-            block = AllocationBlock.from_dict(json.loads(event.value))
+            block = AllocationBlock.from_dict(Entry(key, event.value, event.revision).data)
             if block.host != self.hostname:
                 continue  # borrowing waits for the full listing, as before
             self.view.learn(key, event.revision, block)

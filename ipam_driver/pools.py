@@ -105,6 +105,10 @@ def parse_address(text: object, what: str = "address") -> IPAddress:
         raise InvalidRequest(f"invalid {what} {text!r}: not an IP address") from exc
 
 
+def networks_overlap(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version and a.first <= b.last and b.first <= a.last
+
+
 def grid_block(address: IPAddress | int, version: int, block_size: int) -> IPNetwork:
     """The block of the grid (block_size) that contains address."""
     return IPNetwork((int(address), block_size), version=version).cidr
@@ -406,8 +410,7 @@ class SubnetReservation:
         return self.created_revision if self.created_revision is not None else revision
 
     def overlaps(self, net: IPNetwork) -> bool:
-        mine = self.network
-        return mine.version == net.version and mine.first <= net.last and net.first <= mine.last
+        return networks_overlap(self.network, net)
 
     def describe(self) -> str:
         """The subnet and, if any, its ip-range, for messages."""
