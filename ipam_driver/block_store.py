@@ -26,7 +26,8 @@ Keys (under ``datastore.base.ROOT``):
 
 Allocation (``allocate_auto``) works from this process's BlockView: pick a cached
 block of this host with a free address in the scope and compare-and-swap it on the
-cached revision (one write; a lost race costs a re-read of that one block). When
+cached revision (one write for a whole batch of requests, as many as the block has
+room for; a lost race costs a re-read of that one block). When
 no known block has room, claim the next unclaimed grid cell (one read per cell
 already taken by another host; this process's cursor passes each cell once). Only
 when the cursor has passed every cell does the slow path begin: first the blocks
@@ -278,11 +279,15 @@ class BlockStore:
 
     # ============================================================= allocation
 
-    def allocate_auto(self, rec: SubnetReservation, attrs: dict[str, Any],
-                      guard: Guard | None = None) -> IPAddress:
-        """An address from rec's scope, preferring this host's blocks (see the module
-        docstring); Exhausted when the scope has none left. Every write carries
-        guard: GuardChanged (nothing allocated) when it moved."""
+    def allocate_auto(self, rec: SubnetReservation, attrs: list[dict[str, Any]],
+                      guard: Guard | None = None) -> list[IPAddress]:
+        """Addresses from rec's scope for the first k of attrs (one each, 1 <= k <=
+        len(attrs)), all written to one block in one compare-and-swap, preferring this
+        host's blocks (see the module docstring); the caller asks again for the rest.
+        Exhausted when the scope has none left. Every write carries guard:
+        GuardChanged (nothing allocated) when it moved."""
+        if not attrs:
+            return []
         scope = self._scope(rec)
         if not scope.loaded:
             self._load(scope, rec)
@@ -292,14 +297,14 @@ class BlockStore:
         while True:
             key = self.view.pick(scope)
             if key is None:
-                ip = self._claim(scope, rec, attrs, attempts, guard)
+                ips = self._claim(scope, rec, attrs, attempts, guard)
             else:
                 try:
-                    ip = self._allocate_from(scope, key, attrs, lost, attempts, guard)
+                    ips = self._allocate_from(scope, key, attrs, lost, attempts, guard)
                 finally:
                     self.view.done(key)
-            if ip is not None:
-                return ip
+            if ips:
+                return ips
 
     def _scope(self, rec: SubnetReservation) -> Scope:
         key = (rec.cidr, rec.sub_pool, rec.block_size)
@@ -331,22 +336,22 @@ class BlockStore:
                     self.view.mark_full(scope, key)
             scope.loaded = True
 
-    def _allocate_from(self, scope: Scope, key: str, attrs: dict[str, Any],
+    def _allocate_from(self, scope: Scope, key: str, attrs: list[dict[str, Any]],
                        lost: dict[str, int], attempts: Iterator[int], guard: Guard | None
-                       ) -> IPAddress | None:
-        """One try on one candidate; None when it was full or the write lost."""
+                       ) -> list[IPAddress]:
+        """One try on one candidate; nothing when it was full or the write lost."""
         cached = self.view.cached(key)
         if cached is None:
             entry, block = self.read(key)
             if entry is None or block is None or block.host != self.hostname:
-                return None
+                return []
             revision = entry.revision
         else:
             revision, block = cached
-        ip = block.allocate_next(self.view.ranges(scope, key, block), None, attrs)
-        if ip is None:
+        ips = _fill(block, self.view.ranges(scope, key, block), attrs)
+        if not ips:
             self.view.mark_full(scope, key)
-            return None
+            return []
         try:
             self.write(key, revision, block, guard)
         except RevisionConflict:
@@ -355,13 +360,13 @@ class BlockStore:
                 self.view.avoid(key)  # another process is filling it: go elsewhere
             next(attempts)
             self.read(key)
-            return None
-        return ip
+            return []
+        return ips
 
-    def _claim(self, scope: Scope, rec: SubnetReservation, attrs: dict[str, Any],
-               attempts: Iterator[int], guard: Guard | None) -> IPAddress | None:
-        """Claim the next free cell of the scope; None when the cell turned out to be
-        taken (the view knows it now) or another candidate showed up."""
+    def _claim(self, scope: Scope, rec: SubnetReservation, attrs: list[dict[str, Any]],
+               attempts: Iterator[int], guard: Guard | None) -> list[IPAddress]:
+        """Claim the next free cell of the scope; nothing when the cell turned out to
+        be taken (the view knows it now) or another candidate showed up."""
         cell = self.view.next_cell(scope)
         if cell is None:
             return self._allocate_listing(scope, rec, attrs, attempts, guard)
@@ -373,11 +378,11 @@ class BlockStore:
                 self.view.add_candidate(scope, key)
             else:
                 self.view.note_foreign(scope, key)
-            return None
+            return []
         new = AllocationBlock(cell, self.hostname)
-        ip = new.allocate_next(self.view.ranges(scope, key, new), None, attrs)
-        if ip is None:  # pragma: no cover - cells overlap the allowed range
-            return None
+        ips = _fill(new, self.view.ranges(scope, key, new), attrs)
+        if not ips:  # pragma: no cover - cells overlap the allowed range
+            return []
         try:
             self.write(key, None, new, guard)
         except AlreadyExists:  # another process or host claimed it first
@@ -387,31 +392,31 @@ class BlockStore:
                 self.view.add_candidate(scope, key)
             else:
                 self.view.note_foreign(scope, key)
-            return None
+            return []
         self.view.add_candidate(scope, key)
-        return ip
+        return ips
 
     def _borrow(self, scope: Scope, key: str, revision: int, block: AllocationBlock,
-                attrs: dict[str, Any], attempts: Iterator[int], guard: Guard | None
-                ) -> IPAddress | None:
-        """An address from another host's block as read at revision; None when it had
-        no room left or the write lost (the block is dropped from the offers then)."""
+                attrs: list[dict[str, Any]], attempts: Iterator[int], guard: Guard | None
+                ) -> list[IPAddress]:
+        """Addresses from another host's block as read at revision; nothing when it
+        had no room left or the write lost (the block is dropped from the offers)."""
         ranges = self.view.ranges(scope, key, block)
-        ip = block.allocate_next(ranges, None, attrs)
-        if ip is None:
-            return None
+        ips = _fill(block, ranges, attrs)
+        if not ips:
+            return []
         try:
             entry = self.write(key, revision, block, guard)
         except RevisionConflict:
             next(attempts)
-            return None
+            return []
         if entry is not None and block.has_free(ranges):
             self.view.offer_borrowable(scope, key, entry.revision, block)
-        return ip
+        return ips
 
     def _allocate_listing(self, scope: Scope, rec: SubnetReservation,
-                          attrs: dict[str, Any], attempts: Iterator[int],
-                          guard: Guard | None) -> IPAddress | None:
+                          attrs: list[dict[str, Any]], attempts: Iterator[int],
+                          guard: Guard | None) -> list[IPAddress]:
         """The slow path, once the cursor has passed every cell. First borrow from the
         other hosts' blocks the last listing found with room; when none is left, read
         the blocks changed since the view's last read (None: one of ours has room,
@@ -422,10 +427,10 @@ class BlockStore:
         generation = scope.slow_generation
         with scope.slow_lock:
             if scope.slow_generation != generation:
-                return None  # another thread has just been here: pick again
+                return []  # another thread has just been here: pick again
             scope.slow_generation += 1
             if self._catch_up(scope, rec):
-                return None
+                return []
             return self._list_scope(scope, rec, attrs, attempts, guard)
 
     def _catch_up(self, scope: Scope, rec: SubnetReservation) -> bool:
@@ -462,10 +467,10 @@ class BlockStore:
         return roomy
 
     def _list_scope(self, scope: Scope, rec: SubnetReservation,
-                    attrs: dict[str, Any], attempts: Iterator[int],
-                    guard: Guard | None) -> IPAddress | None:
-        """Every block of the scope. Own blocks with room become candidates again (None:
-        pick again); else claim a cell freed since, else borrow from another host's
+                    attrs: list[dict[str, Any]], attempts: Iterator[int],
+                    guard: Guard | None) -> list[IPAddress]:
+        """Every block of the scope. Own blocks with room become candidates again
+        (nothing: pick again); else claim a cell freed since, else borrow from another host's
         block (the others with room are kept for the next allocations)."""
         revision = self.store.current_revision()  # before the read: nothing missed
         blocks = self.overlapping(rec.scope, rec.block_size)
@@ -485,12 +490,12 @@ class BlockStore:
             else:
                 self.view.mark_full(scope, entry.key)
         if roomy:
-            return None
+            return []
         existing = {block.cidr.first for _entry, block in blocks}
         for cell in grid_cells(scope.allowed, rec.version, rec.block_size):
             if cell.first not in existing:
                 self.view.return_cell(scope, cell)
-                return None
+                return []
         roomy_others = [(entry, block) for entry, block in others
                         if block.has_free(self.view.ranges(scope, entry.key, block))]
         for entry, block in roomy_others[1:]:
@@ -502,3 +507,16 @@ class BlockStore:
         where = (f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool
                  else f"subnet {rec.cidr}")
         raise Exhausted(f"no free address left in {where}")
+
+
+def _fill(block: AllocationBlock, ranges: list[tuple[int, int]],
+          attrs: list[dict[str, Any]]) -> list[IPAddress]:
+    """The lowest free addresses of ranges in block, one for each of attrs while any
+    is left (allocated in block, not yet written)."""
+    ips: list[IPAddress] = []
+    for one in attrs:
+        ip = block.allocate_next(ranges, None, one)
+        if ip is None:
+            break
+        ips.append(ip)
+    return ips

@@ -135,6 +135,7 @@ from datastore.base import (
     unavailable_as_error,
 )
 from datastore.errors import Conflict, Exhausted, InvalidRequest, NotFound
+from ipam_driver.batching import Batcher
 from ipam_driver.block_format import BlockFormat, set_block_format
 from ipam_driver.block_store import (
     BlockStore,
@@ -310,6 +311,7 @@ class IpamService:
         self.max_attempts = max(1, max_attempts)
         self._migrated = False
         self.blocks = BlockStore(store, hostname, self._attempts, BlockFormat(store).compact)
+        self._auto_batches: Batcher[str, dict[str, str], str] = Batcher(self._serve_auto)
 
     # ================================================================== pools
 
@@ -631,25 +633,45 @@ class IpamService:
         """
         opts = {str(k): str(v) for k, v in (options or {}).items()}
         gateway = opts.pop(REQUEST_ADDRESS_TYPE, None) == GATEWAY_ADDRESS_TYPE
+        if not gateway and not address:
+            return self._request_auto(pool_id, opts)
         for _ in self._attempts(f"allocating an address in network subnet {pool_id}"):
             try:
-                if not gateway and not address:
-                    return self._request_auto(pool_id, opts)
                 return self._request_given(pool_id, address, opts, gateway)
             except GuardChanged:
                 continue  # the reservation changed after it was read: read it again
         raise AssertionError("unreachable")
 
     def _request_auto(self, pool_id: str, opts: dict[str, str]) -> str:
-        """An automatic container address. The reservation is read first, from the
-        store: in an outage that read fails before anything is written (a write sent
-        to a frozen etcd may still be applied once it thaws). The block write is
-        guarded by the revision read, so nothing is allocated for a reservation
-        released (or changed) since."""
-        entry, rec = self._get_reservation(pool_id)
-        attrs = self._address_attrs(rec, KIND_CONTAINER, opts)
-        ip = self.blocks.allocate_auto(rec, attrs, Guard(entry.key, entry.revision))
-        return f"{ip}/{rec.network.prefixlen}"
+        """An automatic container address, served with the other automatic requests
+        for the same subnet that are waiting in this process (_serve_auto)."""
+        return self._auto_batches.submit(pool_id, opts)
+
+    def _serve_auto(self, pool_id: str, requests: list[dict[str, str]]) -> Iterator[str]:
+        """Addresses for a batch of automatic requests (their options), in order.
+
+        The reservation is read first, from the store, once per batch and after every
+        request of it arrived: in an outage that read fails before anything is written
+        (a write sent to a frozen etcd may still be applied once it thaws). Block
+        writes are guarded by the revision read, so nothing is allocated for a
+        reservation released (or changed) since; each write serves as many requests
+        as its block has room for.
+        """
+        waiting = list(requests)
+        for _ in self._attempts(f"allocating an address in network subnet {pool_id}"):
+            entry, rec = self._get_reservation(pool_id)
+            guard = Guard(entry.key, entry.revision)
+            try:
+                while waiting:
+                    attrs = [self._address_attrs(rec, KIND_CONTAINER, opts)
+                             for opts in waiting]
+                    ips = self.blocks.allocate_auto(rec, attrs, guard)
+                    for ip in ips:
+                        yield f"{ip}/{rec.network.prefixlen}"
+                    waiting = waiting[len(ips):]
+                return
+            except GuardChanged:
+                continue  # the reservation changed after it was read: read it again
 
     def _request_given(self, pool_id: str, address: str | None, opts: dict[str, str],
                        gateway: bool) -> str:
