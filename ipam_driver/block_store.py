@@ -36,10 +36,20 @@ other processes freed); if none of this host's has room, the subnet's whole bloc
 list: cells freed since and, last, another host's block to borrow from. So the
 cost of an allocation does not grow with the number of blocks or hosts until the
 subnet is nearly full, and even then it reads only what changed.
+
+In the plugin's processes a refresher thread (``refresh``) reads that history every
+REFRESH_SECONDS for each nearly full scope in use, so a process learns what the
+host's other processes freed, and deleted blocks' free cells, before it runs out,
+and one that sat idle while the others filled the subnet is not caught far behind
+(a listing of every block) in the middle of a burst of requests.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -49,6 +59,7 @@ from datastore.base import (
     ROOT,
     AlreadyExists,
     Datastore,
+    DatastoreError,
     Entry,
     Guard,
     GuardChanged,
@@ -59,6 +70,8 @@ from datastore.errors import Exhausted
 from ipam_driver.block_view import BlockView, Scope
 from ipam_driver.blocks import AllocationBlock
 from ipam_driver.pools import SubnetReservation, grid_block, networks_overlap
+
+log = logging.getLogger(__name__)
 
 BLOCKS_PREFIX = ROOT + "ipam/blocks/"
 AFFINITY_PREFIX = ROOT + "ipam/affinity/"
@@ -71,6 +84,10 @@ MAX_BLOCK_GETS = 16
 # less than parsing every block.
 CATCH_UP_PER_BLOCK = 4
 CATCH_UP_MIN_CHANGES = 256
+# The refresher (BlockStore.refresh): how often it runs, and how long after this
+# process's last allocation in a scope it keeps that scope's view up to date.
+REFRESH_SECONDS = 0.5
+REFRESH_IDLE_SECONDS = 120.0
 
 T = TypeVar("T")
 Change = Callable[[AllocationBlock | None], tuple[AllocationBlock | None, T]]
@@ -116,6 +133,13 @@ def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetw
                 yield block
 
 
+def grid_cell_count(allowed: IPSet, block_size: int) -> int:
+    """How many cells grid_cells yields, at most (without walking them: an IPv6
+    subnet has 2**58 of them)."""
+    return sum(2 ** (block_size - cidr.prefixlen) if cidr.prefixlen < block_size else 1
+               for cidr in allowed.iter_cidrs())
+
+
 def allowed_in(rec: SubnetReservation) -> IPSet:
     """Where automatic addresses of rec come from: its scope minus the reserved ones."""
     reserved = IPSet([IPAddress(value, rec.version) for value in rec.reserved_addresses()])
@@ -128,12 +152,15 @@ class BlockStore:
 
     def __init__(self, store: Datastore, hostname: str,
                  attempts: Callable[[str], Iterator[int]], compact: Callable[[], bool],
-                 parallel_blocks: int = 2) -> None:
+                 parallel_blocks: int = 2, refresh_in_background: bool = False) -> None:
         self.store = store
         self.hostname = hostname
         self._attempts = attempts
         self._compact = compact  # whether to write format 2 records (block_format.py)
         self.view = BlockView(hostname, block_key, parallel_blocks)
+        # The server's processes keep their views fresh in a thread (refresh()).
+        self.refresh_in_background = refresh_in_background
+        self._refresher_pid: int | None = None
 
     # ================================================================ reading
 
@@ -291,6 +318,7 @@ class BlockStore:
         scope = self._scope(rec)
         if not scope.loaded:
             self._load(scope, rec)
+        self._keep_fresh(scope, rec)
         attempts = self._attempts(f"allocating an address in {rec.cidr}")
         next(attempts)
         lost: dict[str, int] = {}
@@ -312,7 +340,8 @@ class BlockStore:
         if scope is None:
             allowed = allowed_in(rec)
             scope = self.view.scope(key, allowed,
-                                    grid_cells(allowed, rec.version, rec.block_size))
+                                    grid_cells(allowed, rec.version, rec.block_size),
+                                    grid_cell_count(allowed, rec.block_size))
         return scope
 
     def _load(self, scope: Scope, rec: SubnetReservation) -> None:
@@ -429,22 +458,30 @@ class BlockStore:
             if scope.slow_generation != generation:
                 return []  # another thread has just been here: pick again
             scope.slow_generation += 1
-            if self._catch_up(scope, rec):
-                return []
+            if self._catch_up(scope, rec) or scope.candidates:
+                return []  # room again, or candidates busy or avoided: pick again
             return self._list_scope(scope, rec, attrs, attempts, guard)
 
-    def _catch_up(self, scope: Scope, rec: SubnetReservation) -> bool:
+    def _catch_up(self, scope: Scope, rec: SubnetReservation, bounded: bool = True) -> bool:
         """Learn the scope's blocks changed since the view last read them, from the
-        store's history; True when one of this host's has room again. False when
-        none has, or the view is too far behind or the history is gone."""
+        store's history; True when one of this host's has room again or a cell was
+        freed. False when not, or when the history is gone or (bounded) the view is
+        too far behind for the history to be cheaper than a listing; then
+        scope.caught_up is None until the next full listing."""
         since = scope.caught_up
+        if since is None:
+            return False
+        behind = self.store.current_revision() - since
+        if behind <= 0:
+            return False  # nothing changed (and a watch would wait for a change)
         known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
-        limit = max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known)
-        if since is None or self.store.current_revision() - since > limit:
+        if bounded and behind > max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known):
+            scope.caught_up = None
             return False
         try:
             events = self.store.watch(BLOCKS_PREFIX, since, timeout=0)
         except RevisionConflict:
+            scope.caught_up = None
             return False  # compacted
         latest = {event.key: event for event in events}  # only the last change counts
         net = rec.scope
@@ -453,11 +490,14 @@ class BlockStore:
             if not networks_overlap(block_cidr_from_key(key), net):
                 continue
             if event.kind != "put" or event.value is None:
-                self.view.forget(key)
+                self.view.forget(key, freed_cell=block_cidr_from_key(key))
+                roomy = True  # the next claim takes the cell
                 continue
             block = AllocationBlock.from_dict(Entry(key, event.value, event.revision).data)
             if block.host != self.hostname:
-                continue  # borrowing waits for the full listing, as before
+                self.view.forget(key)  # borrowing waits for the full listing, as before
+                self.view.note_foreign(scope, key)
+                continue
             self.view.learn(key, event.revision, block)
             if block.has_free(self.view.ranges(scope, key, block)):
                 self.view.add_candidate(scope, key)
@@ -472,23 +512,7 @@ class BlockStore:
         """Every block of the scope. Own blocks with room become candidates again
         (nothing: pick again); else claim a cell freed since, else borrow from another host's
         block (the others with room are kept for the next allocations)."""
-        revision = self.store.current_revision()  # before the read: nothing missed
-        blocks = self.overlapping(rec.scope, rec.block_size)
-        scope.caught_up = revision
-        own = [(e, b) for e, b in blocks if b.host == self.hostname]
-        others = [(e, b) for e, b in blocks if b.host != self.hostname]
-        self.view.restart_cells(
-            scope, grid_cells(scope.allowed, rec.version, rec.block_size),
-            foreign={entry.key for entry, _block in others},
-        )
-        roomy = False
-        for entry, block in own:
-            self.view.learn(entry.key, entry.revision, block.copy())
-            if block.has_free(self.view.ranges(scope, entry.key, block)):
-                self.view.add_candidate(scope, entry.key)
-                roomy = True
-            else:
-                self.view.mark_full(scope, entry.key)
+        roomy, blocks, others = self._relist(scope, rec)
         if roomy:
             return []
         existing = {block.cidr.first for _entry, block in blocks}
@@ -507,6 +531,82 @@ class BlockStore:
         where = (f"ip-range {rec.sub_pool} of subnet {rec.cidr}" if rec.sub_pool
                  else f"subnet {rec.cidr}")
         raise Exhausted(f"no free address left in {where}")
+
+    def _relist(self, scope: Scope, rec: SubnetReservation
+                ) -> tuple[bool, list[tuple[Entry, AllocationBlock]],
+                           list[tuple[Entry, AllocationBlock]]]:
+        """Read every block of the scope into the view (the cursor starts again,
+        skipping the cells other hosts hold): whether one of this host's has room,
+        the blocks, and the other hosts' blocks."""
+        revision = self.store.current_revision()  # before the read: nothing missed
+        blocks = self.overlapping(rec.scope, rec.block_size)
+        scope.caught_up = revision
+        own = [(e, b) for e, b in blocks if b.host == self.hostname]
+        others = [(e, b) for e, b in blocks if b.host != self.hostname]
+        self.view.restart_cells(
+            scope, grid_cells(scope.allowed, rec.version, rec.block_size),
+            foreign={entry.key for entry, _block in others},
+        )
+        roomy = False
+        for entry, block in own:
+            self.view.learn(entry.key, entry.revision, block.copy())
+            if block.has_free(self.view.ranges(scope, entry.key, block)):
+                self.view.add_candidate(scope, entry.key)
+                roomy = True
+            else:
+                self.view.mark_full(scope, entry.key)
+        return roomy, blocks, others
+
+
+    # ============================================================== refreshing
+
+    def _keep_fresh(self, scope: Scope, rec: SubnetReservation) -> None:
+        """Note an allocation in scope, and start this process's refresher thread
+        if it has none yet (a forked child starts its own)."""
+        scope.rec, scope.used_at = rec, time.monotonic()
+        if self.refresh_in_background and self._refresher_pid != os.getpid():
+            self._refresher_pid = os.getpid()
+            threading.Thread(target=self._refresh_forever, name="ipam-view-refresher",
+                             daemon=True).start()
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(REFRESH_SECONDS)
+            try:
+                self.refresh()
+            except DatastoreError as exc:  # an outage: the next round tries again
+                log.debug("IPAM view refresh: %s", exc)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one round
+                log.exception("IPAM view refresh failed")
+
+    def refresh(self, now: float | None = None) -> int:
+        """Bring the view of each nearly full scope this process allocated from in
+        the last REFRESH_IDLE_SECONDS up to date: the blocks changed since its last
+        read, from the history (every block only when the history is gone). So the
+        addresses and cells the host's other processes free are known before this
+        process runs out, and a process that was idle while others filled the subnet
+        does not list every block in the middle of a burst of requests. Nearly full
+        (BlockView.nearly_full): before that, a process that runs out of room claims
+        a new block and needs no history. Skips a scope another thread is on the
+        slow path of. Returns how many scopes it read."""
+        since = (time.monotonic() if now is None else now) - REFRESH_IDLE_SECONDS
+        read = 0
+        for scope in self.view.scopes():
+            rec = scope.rec
+            if (rec is None or not scope.loaded or scope.used_at < since
+                    or not self.view.nearly_full(scope)):
+                continue
+            if not scope.slow_lock.acquire(blocking=False):
+                continue
+            try:
+                # Every REFRESH_SECONDS the history holds about as many changes as the
+                # process has written meanwhile: read it whatever its length.
+                if not self._catch_up(scope, rec, bounded=False) and scope.caught_up is None:
+                    self._relist(scope, rec)
+                read += 1
+            finally:
+                scope.slow_lock.release()
+        return read
 
 
 def _fill(block: AllocationBlock, ranges: list[tuple[int, int]],

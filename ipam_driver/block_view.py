@@ -27,15 +27,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from netaddr import IPNetwork, IPSet
 
 from ipam_driver.blocks import AllocationBlock
 
+if TYPE_CHECKING:
+    from ipam_driver.pools import SubnetReservation
+
 # How long a block lost twice to another writer is left alone.
 AVOID_SECONDS = 0.5
 # How long a thread waits for a busy block before looking again.
 BUSY_WAIT_SECONDS = 0.02
+# The share of a scope's cells known to hold a block from which it is nearly full.
+NEARLY_FULL = 0.9
 
 
 @dataclass(eq=False)
@@ -45,6 +51,7 @@ class Scope:
     key: tuple[str, str | None, int]
     allowed: IPSet
     cells: Iterator[IPNetwork]
+    cell_count: int = 0
     loaded: bool = False
     cells_done: bool = False
     candidates: dict[str, None] = field(default_factory=dict)
@@ -66,6 +73,12 @@ class Scope:
     # thread's pass (the generation moved) just picks again.
     slow_lock: threading.Lock = field(default_factory=threading.Lock)
     slow_generation: int = 0
+    # The reservation last allocated from in this scope, and when (monotonic): what
+    # the store's refresher reads the scope's blocks by.
+    rec: SubnetReservation | None = None
+    used_at: float = 0.0
+    # Set once the cursor has passed every cell (see BlockView.nearly_full).
+    cells_passed: bool = False
 
 
 class BlockView:
@@ -86,16 +99,28 @@ class BlockView:
 
     # ------------------------------------------------------------------ scopes
 
+    def scopes(self) -> list[Scope]:
+        with self._lock:
+            return list(self._scopes.values())
+
     def find(self, key: tuple[str, str | None, int]) -> Scope | None:
         return self._scopes.get(key)
 
     def scope(self, key: tuple[str, str | None, int], allowed: IPSet,
-              cells: Iterator[IPNetwork]) -> Scope:
+              cells: Iterator[IPNetwork], cell_count: int = 0) -> Scope:
         with self._lock:
             scope = self._scopes.get(key)
             if scope is None:
-                scope = self._scopes[key] = Scope(key, allowed, cells)
+                scope = self._scopes[key] = Scope(key, allowed, cells, cell_count)
             return scope
+
+    def nearly_full(self, scope: Scope) -> bool:
+        """Whether the cursor has once passed every cell of the scope, or at least
+        NEARLY_FULL of its cells are known to hold a block: from then on room comes
+        from blocks freed or emptied, not from new cells."""
+        with self._lock:
+            known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
+            return scope.cells_passed or known >= NEARLY_FULL * scope.cell_count
 
     def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
         """The scope's allowed addresses inside block (computed once per block)."""
@@ -175,7 +200,7 @@ class BlockView:
             for cell in scope.cells:
                 if not self._known(scope, self.key_of(cell)):
                     return cell
-            scope.cells_done = True
+            scope.cells_done = scope.cells_passed = True
             return None
 
     def _known(self, scope: Scope, key: str) -> bool:

@@ -296,6 +296,7 @@ class IpamService:
         network_prefix_v4: int = 24,
         network_prefix_v6: int = 64,
         max_attempts: int = 100,
+        refresh_in_background: bool = False,
     ) -> None:
         for version, prefix in ((4, network_prefix_v4), (6, network_prefix_v6)):
             if not 1 <= prefix <= MAX_SUBNET_PREFIX[version]:
@@ -310,7 +311,8 @@ class IpamService:
         self.network_prefix = {4: network_prefix_v4, 6: network_prefix_v6}
         self.max_attempts = max(1, max_attempts)
         self._migrated = False
-        self.blocks = BlockStore(store, hostname, self._attempts, BlockFormat(store).compact)
+        self.blocks = BlockStore(store, hostname, self._attempts, BlockFormat(store).compact,
+                                 refresh_in_background=refresh_in_background)
         self._auto_batches: Batcher[str, dict[str, str], str] = Batcher(self._serve_auto)
 
     # ================================================================== pools

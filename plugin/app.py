@@ -42,7 +42,7 @@ def create_app(
     store = store or open_datastore(settings)
     if metrics.enabled:
         store = MeteredDatastore(store, metrics)
-    ipam = build_ipam(settings, store)
+    ipam = build_ipam(settings, store, serving=True)
     app.extensions["calico_cnm.settings"] = settings
     app.extensions["calico_cnm.plugin_reference"] = settings.plugin_reference
     app.extensions["calico_cnm.store"] = store

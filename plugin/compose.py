@@ -35,11 +35,14 @@ def open_datastore(settings: Settings) -> Datastore:
     return SqliteDatastore(settings.sqlite_path)
 
 
-def build_ipam(settings: Settings, store: Datastore) -> IpamService:
+def build_ipam(settings: Settings, store: Datastore, serving: bool = False) -> IpamService:
+    """serving: for the driver's own processes, which keep their block views fresh in
+    the background; a CLI or the agent allocates too seldom to need it."""
     return IpamService(
         store, settings.hostname,
         network_prefix_v4=settings.network_prefix_v4,
         network_prefix_v6=settings.network_prefix_v6,
+        refresh_in_background=serving,
     )
 
 

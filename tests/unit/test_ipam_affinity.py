@@ -3,6 +3,9 @@ an index that is never missing for a block, stale entries dropped."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from datastore.base import Datastore, Entry, Guard, dumps
@@ -203,3 +206,99 @@ def test_a_view_too_far_behind_lists_the_blocks_and_still_finds_them(tmp_path, m
            for _ in range(len(freed))]
     assert sorted(got) == sorted(freed)
     assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
+
+
+def test_a_cell_another_process_freed_is_claimed_from_the_history(tmp_path):
+    """The second process empties a whole block (deleted, its cell free): the first,
+    whose cursor passed every cell, claims that cell again without a listing."""
+    path = str(tmp_path / "s.db")
+    store = CountingStore(SqliteDatastore(path))
+    first = _network(store, "10.100.0.0/21")
+    taken = []
+    with pytest.raises(Exhausted):
+        while True:
+            taken.append(first.request_address("10.100.0.0/21", None, {}).split("/")[0])
+    emptied = [a for a in taken if a.startswith("10.100.3.") and int(a.split(".")[3]) < 64]
+    second = IpamService(SqliteDatastore(path), "h1")
+    for address in emptied:
+        second.release_address("10.100.0.0/21", address)
+    assert store.inner.get(BLOCKS_PREFIX + "10.100.3.0-26") is None
+    store.prefixes.clear()
+    got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(emptied))]
+    assert sorted(got) == sorted(emptied)
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+
+
+def test_a_busy_or_avoided_block_is_waited_for_rather_than_the_subnet_listed(tmp_path):
+    """A candidate this process avoids (it lost a write on it twice) while its cursor
+    walks the grid again: once the cursor is through, the candidate is taken, with no
+    listing of the subnet."""
+    path = str(tmp_path / "s.db")
+    store = CountingStore(SqliteDatastore(path))
+    ipam = _network(store, "10.100.0.0/21")
+    with pytest.raises(Exhausted):
+        while True:
+            last = ipam.request_address("10.100.0.0/21", None, {}).split("/")[0]
+    ipam.release_address("10.100.0.0/21", last)
+    view = ipam.blocks.view
+    (scope,) = view.scopes()
+    (candidate,) = scope.candidates
+    view.avoid(candidate)
+    # As a refresher's relist leaves it: the cursor starts again, nothing new to read.
+    view.restart_cells(scope, block_store.grid_cells(scope.allowed, 4, 26), foreign=set())
+    scope.caught_up = store.current_revision()
+    store.prefixes.clear()
+    assert ipam.request_address("10.100.0.0/21", None, {}).split("/")[0] == last
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+
+
+def _idle_while_another_fills(tmp_path) -> tuple[IpamService, CountingStore, list[str]]:
+    """The first process fills the subnet (its cursor has passed every cell) and goes
+    idle; the second frees 30 addresses after more changes than a slow-path catch-up
+    reads (300 allocations and releases)."""
+    first, store, freed = _filled_by_two_processes(tmp_path)
+    second = IpamService(SqliteDatastore(store.inner.path), "h1")
+    for _ in range(150):
+        address = second.request_address("10.100.0.0/21", None, {}).split("/")[0]
+        second.release_address("10.100.0.0/21", address)
+    assert store.inner.current_revision() - first.blocks.view.scopes()[0].caught_up > max(
+        block_store.CATCH_UP_MIN_CHANGES, block_store.CATCH_UP_PER_BLOCK * 32)
+    store.prefixes.clear()
+    return first, store, freed
+
+
+def test_the_refresher_brings_an_idle_view_up_to_date_without_listing(tmp_path):
+    idle, store, freed = _idle_while_another_fills(tmp_path)
+    assert idle.blocks.refresh() == 1
+    got = [idle.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(freed))]
+    assert sorted(got) == sorted(freed)
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+
+
+def test_without_the_refresher_an_idle_view_lists_the_subnet(tmp_path):
+    """What the refresher saves (the check above is not vacuous)."""
+    idle, store, freed = _idle_while_another_fills(tmp_path)
+    got = [idle.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(freed))]
+    assert sorted(got) == sorted(freed)
+    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
+
+
+def _refreshers() -> int:
+    return sum(1 for thread in threading.enumerate() if thread.name == "ipam-view-refresher")
+
+
+def test_the_refresher_leaves_scopes_unused_for_a_while_and_runs_only_when_serving(
+        tmp_path):
+    before = _refreshers()
+    idle, _store, _freed = _idle_while_another_fills(tmp_path)
+    later = time.monotonic() + block_store.REFRESH_IDLE_SECONDS + 1
+    assert idle.blocks.refresh(now=later) == 0
+    assert _refreshers() == before
+    serving = IpamService(SqliteDatastore(str(tmp_path / "s.db")), "h1",
+                          refresh_in_background=True)
+    serving.request_address("10.100.0.0/21", None, {})
+    serving.request_address("10.100.0.0/21", None, {})
+    assert _refreshers() == before + 1
