@@ -38,10 +38,11 @@ cost of an allocation does not grow with the number of blocks or hosts until the
 subnet is nearly full, and even then it reads only what changed.
 
 In the plugin's processes a refresher thread (``refresh``) reads that history every
-REFRESH_SECONDS for each nearly full scope in use, so a process learns what the
-host's other processes freed, and deleted blocks' free cells, before it runs out,
-and one that sat idle while the others filled the subnet is not caught far behind
-(a listing of every block) in the middle of a burst of requests.
+REFRESH_SECONDS for each scope in use, so a process learns what the host's other
+processes freed, the cells of deleted blocks and the other hosts' blocks with room
+to borrow before it runs out, and one that sat idle while the others filled the
+subnet is not caught far behind (a listing of every block) in the middle of a burst
+of requests.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ CATCH_UP_MIN_CHANGES = 256
 # process's last allocation in a scope it keeps that scope's view up to date.
 REFRESH_SECONDS = 0.5
 REFRESH_IDLE_SECONDS = 120.0
+# How long the refresher waits for the history to arrive (an etcd watch delivers it
+# as a stream, which a busy machine can hold up past the watch's shortest wait).
+REFRESH_WAIT_SECONDS = 0.25
 
 T = TypeVar("T")
 Change = Callable[[AllocationBlock | None], tuple[AllocationBlock | None, T]]
@@ -131,13 +135,6 @@ def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetw
             for block in cidr.subnet(block_size):
                 last = block
                 yield block
-
-
-def grid_cell_count(allowed: IPSet, block_size: int) -> int:
-    """How many cells grid_cells yields, at most (without walking them: an IPv6
-    subnet has 2**58 of them)."""
-    return sum(2 ** (block_size - cidr.prefixlen) if cidr.prefixlen < block_size else 1
-               for cidr in allowed.iter_cidrs())
 
 
 def allowed_in(rec: SubnetReservation) -> IPSet:
@@ -340,8 +337,7 @@ class BlockStore:
         if scope is None:
             allowed = allowed_in(rec)
             scope = self.view.scope(key, allowed,
-                                    grid_cells(allowed, rec.version, rec.block_size),
-                                    grid_cell_count(allowed, rec.block_size))
+                                    grid_cells(allowed, rec.version, rec.block_size))
         return scope
 
     def _load(self, scope: Scope, rec: SubnetReservation) -> None:
@@ -462,12 +458,14 @@ class BlockStore:
                 return []  # room again, or candidates busy or avoided: pick again
             return self._list_scope(scope, rec, attrs, attempts, guard)
 
-    def _catch_up(self, scope: Scope, rec: SubnetReservation, bounded: bool = True) -> bool:
+    def _catch_up(self, scope: Scope, rec: SubnetReservation, bounded: bool = True,
+                  wait: float = 0.0) -> bool:
         """Learn the scope's blocks changed since the view last read them, from the
-        store's history; True when one of this host's has room again or a cell was
-        freed. False when not, or when the history is gone or (bounded) the view is
-        too far behind for the history to be cheaper than a listing; then
-        scope.caught_up is None until the next full listing."""
+        store's history; True when one of this host's has room again, a cell was
+        freed or another host's block has room to borrow. False when not, or when
+        the history is gone or (bounded) the view is too far behind for the history
+        to be cheaper than a listing; then scope.caught_up is None until the next
+        full listing."""
         since = scope.caught_up
         if since is None:
             return False
@@ -479,7 +477,7 @@ class BlockStore:
             scope.caught_up = None
             return False
         try:
-            events = self.store.watch(BLOCKS_PREFIX, since, timeout=0)
+            events = self.store.watch(BLOCKS_PREFIX, since, timeout=wait)
         except RevisionConflict:
             scope.caught_up = None
             return False  # compacted
@@ -495,8 +493,10 @@ class BlockStore:
                 continue
             block = AllocationBlock.from_dict(Entry(key, event.value, event.revision).data)
             if block.host != self.hostname:
-                self.view.forget(key)  # borrowing waits for the full listing, as before
-                self.view.note_foreign(scope, key)
+                roomy_there = block.has_free(self.view.ranges(scope, key, block))
+                self.view.learn_foreign(scope, key, event.revision,
+                                        block if roomy_there else None)
+                roomy = roomy or roomy_there  # to borrow from, with no listing
                 continue
             self.view.learn(key, event.revision, block)
             if block.has_free(self.view.ranges(scope, key, block)):
@@ -580,28 +580,29 @@ class BlockStore:
                 log.exception("IPAM view refresh failed")
 
     def refresh(self, now: float | None = None) -> int:
-        """Bring the view of each nearly full scope this process allocated from in
-        the last REFRESH_IDLE_SECONDS up to date: the blocks changed since its last
-        read, from the history (every block only when the history is gone). So the
-        addresses and cells the host's other processes free are known before this
-        process runs out, and a process that was idle while others filled the subnet
-        does not list every block in the middle of a burst of requests. Nearly full
-        (BlockView.nearly_full): before that, a process that runs out of room claims
-        a new block and needs no history. Skips a scope another thread is on the
-        slow path of. Returns how many scopes it read."""
+        """Bring the view of each scope this process allocated from in the last
+        REFRESH_IDLE_SECONDS up to date: the blocks changed since its last read,
+        from the history (every block only when the history is gone or the view
+        was idle too long). So the addresses and cells that the host's other
+        processes free, and other hosts' blocks with room to borrow, are known
+        before this process runs out, and a process that was idle while others
+        filled the subnet does not list every block in the middle of a burst of
+        requests. Skips a scope another thread is on the slow path of. Returns how
+        many scopes it read."""
         since = (time.monotonic() if now is None else now) - REFRESH_IDLE_SECONDS
         read = 0
         for scope in self.view.scopes():
             rec = scope.rec
-            if (rec is None or not scope.loaded or scope.used_at < since
-                    or not self.view.nearly_full(scope)):
+            if rec is None or not scope.loaded or scope.used_at < since:
                 continue
             if not scope.slow_lock.acquire(blocking=False):
                 continue
             try:
                 # Every REFRESH_SECONDS the history holds about as many changes as the
-                # process has written meanwhile: read it whatever its length.
-                if not self._catch_up(scope, rec, bounded=False) and scope.caught_up is None:
+                # processes wrote meanwhile: read it whatever its length, and wait
+                # for it a while (this thread holds up no request).
+                if (not self._catch_up(scope, rec, bounded=False, wait=REFRESH_WAIT_SECONDS)
+                        and scope.caught_up is None):
                     self._relist(scope, rec)
                 read += 1
             finally:

@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 AVOID_SECONDS = 0.5
 # How long a thread waits for a busy block before looking again.
 BUSY_WAIT_SECONDS = 0.02
-# The share of a scope's cells known to hold a block from which it is nearly full.
-NEARLY_FULL = 0.9
 
 
 @dataclass(eq=False)
@@ -51,7 +49,6 @@ class Scope:
     key: tuple[str, str | None, int]
     allowed: IPSet
     cells: Iterator[IPNetwork]
-    cell_count: int = 0
     loaded: bool = False
     cells_done: bool = False
     candidates: dict[str, None] = field(default_factory=dict)
@@ -77,8 +74,6 @@ class Scope:
     # the store's refresher reads the scope's blocks by.
     rec: SubnetReservation | None = None
     used_at: float = 0.0
-    # Set once the cursor has passed every cell (see BlockView.nearly_full).
-    cells_passed: bool = False
 
 
 class BlockView:
@@ -107,20 +102,12 @@ class BlockView:
         return self._scopes.get(key)
 
     def scope(self, key: tuple[str, str | None, int], allowed: IPSet,
-              cells: Iterator[IPNetwork], cell_count: int = 0) -> Scope:
+              cells: Iterator[IPNetwork]) -> Scope:
         with self._lock:
             scope = self._scopes.get(key)
             if scope is None:
-                scope = self._scopes[key] = Scope(key, allowed, cells, cell_count)
+                scope = self._scopes[key] = Scope(key, allowed, cells)
             return scope
-
-    def nearly_full(self, scope: Scope) -> bool:
-        """Whether the cursor has once passed every cell of the scope, or at least
-        NEARLY_FULL of its cells are known to hold a block: from then on room comes
-        from blocks freed or emptied, not from new cells."""
-        with self._lock:
-            known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
-            return scope.cells_passed or known >= NEARLY_FULL * scope.cell_count
 
     def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
         """The scope's allowed addresses inside block (computed once per block)."""
@@ -200,7 +187,7 @@ class BlockView:
             for cell in scope.cells:
                 if not self._known(scope, self.key_of(cell)):
                     return cell
-            scope.cells_done = scope.cells_passed = True
+            scope.cells_done = True
             return None
 
     def _known(self, scope: Scope, key: str) -> bool:
@@ -274,6 +261,19 @@ class BlockView:
         """Another host's block with room, as read at revision (the view keeps block)."""
         with self._lock:
             scope.borrowable[key] = (revision, block)
+
+    def learn_foreign(self, scope: Scope, key: str, revision: int,
+                      block: AllocationBlock | None) -> None:
+        """Another host's block, as read at revision: not ours (whatever the view
+        held of it), and offered for borrowing while it has room (block), else not."""
+        with self._lock:
+            if key in self._blocks:
+                self._drop(key)
+            scope.foreign.add(key)
+            if block is not None:
+                scope.borrowable[key] = (revision, block)
+            else:
+                scope.borrowable.pop(key, None)
 
     def take_borrowable(self, scope: Scope) -> tuple[str, int, AllocationBlock] | None:
         """One offered block, taken out so that no other thread writes it meanwhile."""

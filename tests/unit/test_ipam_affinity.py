@@ -302,3 +302,28 @@ def test_the_refresher_leaves_scopes_unused_for_a_while_and_runs_only_when_servi
     serving.request_address("10.100.0.0/21", None, {})
     serving.request_address("10.100.0.0/21", None, {})
     assert _refreshers() == before + 1
+
+
+def test_room_another_host_freed_is_borrowed_from_the_history_without_a_listing(tmp_path):
+    """h2 borrows in a subnet whose every block is h1's: its first borrow lists the
+    blocks; the room h1 frees afterwards comes to h2 from the history."""
+    path = str(tmp_path / "s.db")
+    owner = _network(SqliteDatastore(path), "10.100.0.0/21")
+    taken = []
+    with pytest.raises(Exhausted):
+        while True:
+            taken.append(owner.request_address("10.100.0.0/21", None, {}).split("/")[0])
+    owner.release_address("10.100.0.0/21", taken[0])
+    store = CountingStore(SqliteDatastore(path))
+    borrower = IpamService(store, "h2")
+    borrower.request_pool("10.100.0.0/21", None, {}, False)
+    assert borrower.request_address("10.100.0.0/21", None, {}).split("/")[0] == taken[0]
+    freed = taken[5::67][:30]
+    for address in freed:
+        owner.release_address("10.100.0.0/21", address)
+    store.prefixes.clear()
+    got = [borrower.request_address("10.100.0.0/21", None, {}).split("/")[0]
+           for _ in range(len(freed))]
+    assert sorted(got) == sorted(freed)
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed again"
+    assert {e.data["host"] for e in store.list(BLOCKS_PREFIX)} == {"h1"}
