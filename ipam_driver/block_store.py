@@ -38,7 +38,7 @@ cost of an allocation does not grow with the number of blocks or hosts until the
 subnet is nearly full, and even then it reads only what changed.
 
 In the plugin's processes a refresher thread (``refresh``) reads that history every
-REFRESH_SECONDS for each scope in use, so a process learns what the host's other
+REFRESH_SECONDS for each mostly claimed scope in use, so a process learns what the host's other
 processes freed, the cells of deleted blocks and the other hosts' blocks with room
 to borrow before it runs out, and one that sat idle while the others filled the
 subnet is not caught far behind (a listing of every block) in the middle of a burst
@@ -122,19 +122,35 @@ def affinity_key(host: str, cidr: IPNetwork | str) -> str:
     return affinity_prefix(host) + _name(cidr)
 
 
-def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
-    """The grid blocks that hold at least one address of allowed, lazily, in order."""
-    last: IPNetwork | None = None
+def _cell_runs(allowed: IPSet, version: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """Runs of grid cells that hold at least one address of allowed, in order: the
+    first address of a run's first cell, and how many cells it has."""
+    cell_size = 2 ** ((32 if version == 4 else 128) - block_size)
+    last: int | None = None  # the first address of the last cell yielded
     for cidr in allowed.iter_cidrs():
         if cidr.prefixlen >= block_size:
-            block = grid_block(cidr.first, version, block_size)
-            if block != last:
-                last = block
-                yield block
+            first = grid_block(cidr.first, version, block_size).first
+            if first != last:
+                last = first
+                yield first, 1
         else:
-            for block in cidr.subnet(block_size):
-                last = block
-                yield block
+            count = 2 ** (block_size - cidr.prefixlen)
+            last = cidr.first + (count - 1) * cell_size
+            yield cidr.first, count
+
+
+def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
+    """The grid blocks that hold at least one address of allowed, lazily, in order."""
+    cell_size = 2 ** ((32 if version == 4 else 128) - block_size)
+    for first, count in _cell_runs(allowed, version, block_size):
+        for index in range(count):
+            yield IPNetwork((first + index * cell_size, block_size), version=version)
+
+
+def grid_cell_count(allowed: IPSet, version: int, block_size: int) -> int:
+    """How many cells grid_cells yields, without walking them (an IPv6 subnet has
+    2**58)."""
+    return sum(count for _first, count in _cell_runs(allowed, version, block_size))
 
 
 def allowed_in(rec: SubnetReservation) -> IPSet:
@@ -337,7 +353,8 @@ class BlockStore:
         if scope is None:
             allowed = allowed_in(rec)
             scope = self.view.scope(key, allowed,
-                                    grid_cells(allowed, rec.version, rec.block_size))
+                                    grid_cells(allowed, rec.version, rec.block_size),
+                                    grid_cell_count(allowed, rec.version, rec.block_size))
         return scope
 
     def _load(self, scope: Scope, rec: SubnetReservation) -> None:
@@ -580,20 +597,22 @@ class BlockStore:
                 log.exception("IPAM view refresh failed")
 
     def refresh(self, now: float | None = None) -> int:
-        """Bring the view of each scope this process allocated from in the last
-        REFRESH_IDLE_SECONDS up to date: the blocks changed since its last read,
-        from the history (every block only when the history is gone or the view
-        was idle too long). So the addresses and cells that the host's other
-        processes free, and other hosts' blocks with room to borrow, are known
-        before this process runs out, and a process that was idle while others
-        filled the subnet does not list every block in the middle of a burst of
-        requests. Skips a scope another thread is on the slow path of. Returns how
-        many scopes it read."""
+        """Bring the view of each mostly claimed scope (BlockView.mostly_claimed) that
+        this process allocated from in the last REFRESH_IDLE_SECONDS up to date: the
+        blocks changed since its last read, from the history (every block only when
+        the history is gone or the view was idle too long). So the addresses and
+        cells that the host's other processes free, and other hosts' blocks with
+        room to borrow, are known before this process runs out, and a process that
+        was idle while others filled the subnet does not list every block in the
+        middle of a burst of requests. A scope with cells to spare needs none of it
+        (a process out of room claims a new block). Skips a scope another thread is
+        on the slow path of. Returns how many scopes it read."""
         since = (time.monotonic() if now is None else now) - REFRESH_IDLE_SECONDS
         read = 0
         for scope in self.view.scopes():
             rec = scope.rec
-            if rec is None or not scope.loaded or scope.used_at < since:
+            if (rec is None or not scope.loaded or scope.used_at < since
+                    or not self.view.mostly_claimed(scope)):
                 continue
             if not scope.slow_lock.acquire(blocking=False):
                 continue

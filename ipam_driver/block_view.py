@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 AVOID_SECONDS = 0.5
 # How long a thread waits for a busy block before looking again.
 BUSY_WAIT_SECONDS = 0.02
+# The share of a scope's cells known to hold a block from which it is mostly claimed.
+MOSTLY_CLAIMED = 0.5
 
 
 @dataclass(eq=False)
@@ -49,6 +51,7 @@ class Scope:
     key: tuple[str, str | None, int]
     allowed: IPSet
     cells: Iterator[IPNetwork]
+    cell_count: int = 0  # how many cells there are (at most): see mostly_claimed
     loaded: bool = False
     cells_done: bool = False
     candidates: dict[str, None] = field(default_factory=dict)
@@ -74,6 +77,8 @@ class Scope:
     # the store's refresher reads the scope's blocks by.
     rec: SubnetReservation | None = None
     used_at: float = 0.0
+    # Set once the cursor has passed every cell (see BlockView.mostly_claimed).
+    cells_passed: bool = False
 
 
 class BlockView:
@@ -102,12 +107,20 @@ class BlockView:
         return self._scopes.get(key)
 
     def scope(self, key: tuple[str, str | None, int], allowed: IPSet,
-              cells: Iterator[IPNetwork]) -> Scope:
+              cells: Iterator[IPNetwork], cell_count: int = 0) -> Scope:
         with self._lock:
             scope = self._scopes.get(key)
             if scope is None:
-                scope = self._scopes[key] = Scope(key, allowed, cells)
+                scope = self._scopes[key] = Scope(key, allowed, cells, cell_count)
             return scope
+
+    def mostly_claimed(self, scope: Scope) -> bool:
+        """Whether the cursor has once passed every cell of the scope, or at least
+        MOSTLY_CLAIMED of its cells are known to hold a block: from then on more and
+        more room comes from addresses and blocks freed, not from new cells."""
+        with self._lock:
+            known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
+            return scope.cells_passed or known >= MOSTLY_CLAIMED * scope.cell_count
 
     def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
         """The scope's allowed addresses inside block (computed once per block)."""
@@ -187,7 +200,7 @@ class BlockView:
             for cell in scope.cells:
                 if not self._known(scope, self.key_of(cell)):
                     return cell
-            scope.cells_done = True
+            scope.cells_done = scope.cells_passed = True
             return None
 
     def _known(self, scope: Scope, key: str) -> bool:

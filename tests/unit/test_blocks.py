@@ -8,6 +8,7 @@ import pytest
 from netaddr import IPAddress, IPNetwork, IPRange, IPSet
 
 from datastore.errors import Conflict, InvalidRequest, NotFound
+from ipam_driver.block_store import grid_cell_count, grid_cells
 from ipam_driver.blocks import (
     AddressAllocation,
     AddressInUse,
@@ -261,3 +262,13 @@ def test_as_ipset():
     assert as_ipset("10.0.0.0/30") == IPSet(["10.0.0.0/30"])
     assert as_ipset(IPRange("10.0.0.0", "10.0.0.3")) == IPSet(["10.0.0.0/30"])
     assert as_ipset(["10.0.0.0/31", IPNetwork("10.0.0.2/31")]) == IPSet(["10.0.0.0/30"])
+
+
+def test_the_grid_cell_count_is_the_number_of_cells_walked():
+    for allowed, version, size in (
+            (IPSet(["10.100.0.0/21"]) - IPSet(["10.100.0.0/31", "10.100.7.255/32"]), 4, 26),
+            (IPSet(["10.1.0.0/24", "10.1.0.200/32", "10.3.0.64/27", "10.3.0.100/30"]), 4, 26),
+            (IPSet(["fd00::/120", "fd00::1:0/125"]), 6, 122)):
+        walked = list(grid_cells(allowed, version, size))
+        assert grid_cell_count(allowed, version, size) == len(walked)
+    assert grid_cell_count(IPSet(["fd00::/64"]), 6, 122) == 2 ** 58

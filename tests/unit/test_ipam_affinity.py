@@ -327,3 +327,15 @@ def test_room_another_host_freed_is_borrowed_from_the_history_without_a_listing(
     assert sorted(got) == sorted(freed)
     assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed again"
     assert {e.data["host"] for e in store.list(BLOCKS_PREFIX)} == {"h1"}
+
+
+def test_the_refresher_skips_a_subnet_with_cells_to_spare(tmp_path):
+    """Two blocks of the 32 of a /21 are claimed: a process out of room claims a new
+    block, so there is no history to read; past half of the cells there is."""
+    ipam = _network(SqliteDatastore(str(tmp_path / "s.db")), "10.100.0.0/21")
+    for _ in range(100):
+        ipam.request_address("10.100.0.0/21", None, {})
+    assert ipam.blocks.refresh() == 0
+    for _ in range(16 * 64 - 100):
+        ipam.request_address("10.100.0.0/21", None, {})
+    assert ipam.blocks.refresh() == 1
