@@ -38,11 +38,11 @@ cost of an allocation does not grow with the number of blocks or hosts until the
 subnet is nearly full, and even then it reads only what changed.
 
 In the plugin's processes a refresher thread (``refresh``) reads that history every
-REFRESH_SECONDS for each mostly claimed scope in use, so a process learns what the host's other
-processes freed, the cells of deleted blocks and the other hosts' blocks with room
-to borrow before it runs out, and one that sat idle while the others filled the
-subnet is not caught far behind (a listing of every block) in the middle of a burst
-of requests.
+REFRESH_SECONDS for each mostly claimed scope in use, so a process learns what the
+host's other processes freed, the cells of deleted blocks and the other hosts'
+blocks with room to borrow before it runs out, and one that sat idle while the
+others filled the subnet is not caught far behind (a listing of every block) in the
+middle of a burst of requests.
 """
 
 from __future__ import annotations
@@ -573,7 +573,6 @@ class BlockStore:
             else:
                 self.view.mark_full(scope, entry.key)
         return roomy, blocks, others
-
 
     # ============================================================== refreshing
 

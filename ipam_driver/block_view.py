@@ -280,7 +280,10 @@ class BlockView:
         """Another host's block, as read at revision: not ours (whatever the view
         held of it), and offered for borrowing while it has room (block), else not."""
         with self._lock:
-            if key in self._blocks:
+            held = self._blocks.get(key)
+            if held is not None:
+                if held[0] > revision:
+                    return  # ours since: a newer write of this process is known
                 self._drop(key)
             scope.foreign.add(key)
             if block is not None:

@@ -33,3 +33,15 @@ def test_each_process_begins_at_its_own_candidate_and_wraps_around() -> None:
     picked = [second.pick(scope_b) for _ in range(4)]  # each stays busy: the next one
     assert picked == [keys[2], keys[3], keys[0], keys[1]]
 
+
+
+def test_another_hosts_block_from_the_history_is_offered_unless_we_know_it_newer() -> None:
+    view, scope, keys = _view_with_candidates(start=0.0)
+    theirs = AllocationBlock(IPNetwork("10.100.0.0/26"), "h2")
+    view.learn_foreign(scope, keys[0], 0, theirs)  # older than our revision 1: stale
+    assert keys[0] in scope.candidates and not scope.borrowable
+    view.learn_foreign(scope, keys[0], 2, theirs)  # newer: the block is h2's now
+    assert keys[0] not in scope.candidates and keys[0] in scope.foreign
+    assert view.take_borrowable(scope) == (keys[0], 2, theirs)
+    view.learn_foreign(scope, keys[1], 3, None)  # full: nothing to borrow
+    assert keys[1] in scope.foreign and view.take_borrowable(scope) is None
