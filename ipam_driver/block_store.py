@@ -122,29 +122,27 @@ def affinity_key(host: str, cidr: IPNetwork | str) -> str:
     return affinity_prefix(host) + _name(cidr)
 
 
-def _cell_runs(allowed: IPSet, version: int, block_size: int) -> Iterator[tuple[int, int]]:
-    """Runs of grid cells that hold at least one address of allowed, in order: the
-    first address of a run's first cell, and how many cells it has."""
-    cell_size = 2 ** ((32 if version == 4 else 128) - block_size)
-    last: int | None = None  # the first address of the last cell yielded
+def _cell_runs(allowed: IPSet, version: int, block_size: int
+               ) -> Iterator[tuple[IPNetwork, int]]:
+    """Runs of grid cells that hold at least one address of allowed, in order: a
+    run's first cell and how many cells it has."""
+    last: IPNetwork | None = None  # the last cell yielded
     for cidr in allowed.iter_cidrs():
         if cidr.prefixlen >= block_size:
-            first = grid_block(cidr.first, version, block_size).first
-            if first != last:
-                last = first
-                yield first, 1
+            cell = grid_block(cidr.first, version, block_size)
+            if cell != last:
+                last = cell
+                yield cell, 1
         else:
-            count = 2 ** (block_size - cidr.prefixlen)
-            last = cidr.first + (count - 1) * cell_size
-            yield cidr.first, count
+            last = grid_block(cidr.last, version, block_size)
+            yield grid_block(cidr.first, version, block_size), 2 ** (block_size - cidr.prefixlen)
 
 
 def grid_cells(allowed: IPSet, version: int, block_size: int) -> Iterator[IPNetwork]:
     """The grid blocks that hold at least one address of allowed, lazily, in order."""
-    cell_size = 2 ** ((32 if version == 4 else 128) - block_size)
     for first, count in _cell_runs(allowed, version, block_size):
         for index in range(count):
-            yield IPNetwork((first + index * cell_size, block_size), version=version)
+            yield grid_block(first.first + index * first.size, version, block_size)
 
 
 def grid_cell_count(allowed: IPSet, version: int, block_size: int) -> int:

@@ -77,8 +77,6 @@ class Scope:
     # the store's refresher reads the scope's blocks by.
     rec: SubnetReservation | None = None
     used_at: float = 0.0
-    # Set once the cursor has passed every cell (see BlockView.mostly_claimed).
-    cells_passed: bool = False
 
 
 class BlockView:
@@ -115,12 +113,12 @@ class BlockView:
             return scope
 
     def mostly_claimed(self, scope: Scope) -> bool:
-        """Whether the cursor has once passed every cell of the scope, or at least
-        MOSTLY_CLAIMED of its cells are known to hold a block: from then on more and
-        more room comes from addresses and blocks freed, not from new cells."""
+        """Whether at least MOSTLY_CLAIMED of the scope's cells are known to hold a
+        block (all of them are once the cursor has passed every cell): from then on
+        more and more room comes from addresses and blocks freed, not new cells."""
         with self._lock:
             known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
-            return scope.cells_passed or known >= MOSTLY_CLAIMED * scope.cell_count
+            return known >= MOSTLY_CLAIMED * scope.cell_count
 
     def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
         """The scope's allowed addresses inside block (computed once per block)."""
@@ -200,7 +198,7 @@ class BlockView:
             for cell in scope.cells:
                 if not self._known(scope, self.key_of(cell)):
                     return cell
-            scope.cells_done = scope.cells_passed = True
+            scope.cells_done = True
             return None
 
     def _known(self, scope: Scope, key: str) -> bool:
