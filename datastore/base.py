@@ -90,6 +90,13 @@ class Datastore(ABC):
         """Every entry whose key starts with prefix, sorted by key."""
 
     @abstractmethod
+    def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        """The entries under prefix last written after after_revision, sorted by key,
+        and the store revision this read saw. One request, whatever the history
+        holds (compaction does not matter); keys deleted since do not show (watch
+        gives deletes)."""
+
+    @abstractmethod
     def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         """Write key only if absent; raises AlreadyExists otherwise. With a guard, only
         if the guard holds too; GuardChanged (checked first) otherwise."""

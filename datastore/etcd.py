@@ -6,6 +6,7 @@ This is the only module that knows about pyetcd. Every operation of the
 - create: a transaction `version(key) == 0` -> put;
 - update / delete with a revision: a transaction `mod_revision(key) == revision`;
 - list: one range request over the prefix, sorted by key;
+- list_changed: the same with a minimum mod revision;
 - watch: a watch from `after_revision + 1`, cancelled once events arrive or the
   timeout passes.
 
@@ -291,6 +292,15 @@ class EtcdDatastore(Datastore):
 
         response = self._call(op, idempotent=True)
         return [_entry(kv) for kv in response.kvs]
+
+    def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        def op(client: Any) -> Any:
+            return client.get_prefix_response(
+                prefix, sort_order="ascend", sort_target="key",
+                min_mod_revision=max(after_revision, 0) + 1)
+
+        response = self._call(op, idempotent=True)
+        return [_entry(kv) for kv in response.kvs], response.header.revision
 
     def current_revision(self) -> int:
         response = self._call(

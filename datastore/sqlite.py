@@ -159,6 +159,24 @@ class SqliteDatastore(Datastore):
         )
         return [Entry(*row) for row in rows]
 
+    def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN")  # one snapshot for the rows and the revision
+            try:
+                rows = conn.execute(
+                    "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ? "
+                    "AND revision > ? ORDER BY key",
+                    (prefix, _prefix_upper_bound(prefix), after_revision),
+                ).fetchall()
+                revision = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise _error(self.path, exc) from exc
+        return [Entry(*row) for row in rows], revision
+
     def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         result = self._write(key, "put", value, 0, guard)
         assert isinstance(result, Entry)

@@ -30,12 +30,14 @@ cached revision (one write for a whole batch of requests, as many as the block h
 room for; a lost race costs a re-read of that one block). When
 no known block has room, claim the next unclaimed grid cell (one read per cell
 already taken by another host; this process's cursor passes each cell once). Only
-when the cursor has passed every cell does the slow path begin: first the blocks
-changed since the view last read them, from the store's change history (addresses
-other processes freed); if none of this host's has room, the subnet's whole block
-list: cells freed since and, last, another host's block to borrow from. So the
-cost of an allocation does not grow with the number of blocks or hosts until the
-subnet is nearly full, and even then it reads only what changed.
+when the cursor has passed every cell does the slow path begin: one read of the
+blocks written since the view last read them (``Datastore.list_changed``: addresses
+other processes freed, other hosts' blocks with room); if none of this host's has
+room, borrow from another host's block at the revision just read; if none has room,
+the store's change history, which alone shows deleted blocks (cells freed); and
+last the subnet's whole block list. So the cost of an allocation does not grow with
+the number of blocks or hosts until the subnet is nearly full, and even then it
+reads only what changed.
 
 In the plugin's processes a refresher thread (``refresh``) reads that history every
 REFRESH_SECONDS for each mostly claimed scope in use, so a process learns what the
@@ -457,21 +459,59 @@ class BlockStore:
     def _allocate_listing(self, scope: Scope, rec: SubnetReservation,
                           attrs: list[dict[str, Any]], attempts: Iterator[int],
                           guard: Guard | None) -> list[IPAddress]:
-        """The slow path, once the cursor has passed every cell. First borrow from the
-        other hosts' blocks the last listing found with room; when none is left, read
-        the blocks changed since the view's last read (None: one of ours has room,
-        pick again); only if none has, read every block of the scope (_list_scope)."""
-        offered = self.view.take_borrowable(scope)
-        if offered is not None:
-            return self._borrow(scope, *offered, attrs, attempts, guard)
+        """The slow path, once the cursor has passed every cell: read the blocks
+        written since the view last read them (nothing: one of ours has room, pick
+        again); else borrow from another host's block known to have room, at the
+        revision just read; else read the history for cells freed; only if there is
+        none, read every block of the scope (_list_scope)."""
         generation = scope.slow_generation
         with scope.slow_lock:
             if scope.slow_generation != generation:
                 return []  # another thread has just been here: pick again
             scope.slow_generation += 1
-            if self._catch_up(scope, rec) or scope.candidates:
+            self._read_changed(scope, rec)
+            if scope.candidates:
                 return []  # room again, or candidates busy or avoided: pick again
-            return self._list_scope(scope, rec, attrs, attempts, guard)
+            offered = self.view.take_borrowable(scope)
+            if offered is None:
+                if self._catch_up(scope, rec):
+                    return []
+                return self._list_scope(scope, rec, attrs, attempts, guard)
+        return self._borrow(scope, *offered, attrs, attempts, guard)
+
+    def _read_changed(self, scope: Scope, rec: SubnetReservation) -> None:
+        """Learn the scope's blocks written since the view last read them, with one
+        read of their current values (deleted blocks do not show: _catch_up finds
+        those)."""
+        since = max(scope.caught_up or 0, scope.changes_read)
+        if since == 0:
+            return  # never read: a listing comes next
+        entries, scope.changes_read = self.store.list_changed(BLOCKS_PREFIX, since)
+        for entry in entries:
+            self._learn_block(scope, rec.scope, entry.key, entry.revision, entry.value)
+
+    def _learn_block(self, scope: Scope, net: IPNetwork, key: str, revision: int,
+                     value: str | None) -> bool:
+        """One block of the store as written at revision (value None: deleted):
+        whether it brings room to the scope (a free cell, a block of this host with
+        room, or another host's to borrow from)."""
+        cidr = block_cidr_from_key(key)
+        if not networks_overlap(cidr, net):
+            return False
+        if value is None:
+            self.view.forget(key, freed_cell=cidr)
+            return True  # the next claim takes the cell
+        block = AllocationBlock.from_dict(Entry(key, value, revision).data)
+        ranges = self.view.ranges(scope, key, block)
+        if block.host != self.hostname:
+            roomy = block.has_free(ranges)
+            self.view.learn_foreign(scope, key, revision, block if roomy else None)
+            return roomy
+        self.view.learn(key, revision, block)
+        if block.has_free(ranges):
+            self.view.add_candidate(scope, key)
+            return True
+        return False
 
     def _catch_up(self, scope: Scope, rec: SubnetReservation, bounded: bool = True,
                   wait: float = 0.0) -> bool:
@@ -497,26 +537,10 @@ class BlockStore:
             scope.caught_up = None
             return False  # compacted
         latest = {event.key: event for event in events}  # only the last change counts
-        net = rec.scope
         roomy = False
         for key, event in latest.items():
-            if not networks_overlap(block_cidr_from_key(key), net):
-                continue
-            if event.kind != "put" or event.value is None:
-                self.view.forget(key, freed_cell=block_cidr_from_key(key))
-                roomy = True  # the next claim takes the cell
-                continue
-            block = AllocationBlock.from_dict(Entry(key, event.value, event.revision).data)
-            if block.host != self.hostname:
-                roomy_there = block.has_free(self.view.ranges(scope, key, block))
-                self.view.learn_foreign(scope, key, event.revision,
-                                        block if roomy_there else None)
-                roomy = roomy or roomy_there  # to borrow from, with no listing
-                continue
-            self.view.learn(key, event.revision, block)
-            if block.has_free(self.view.ranges(scope, key, block)):
-                self.view.add_candidate(scope, key)
-                roomy = True
+            value = event.value if event.kind == "put" else None
+            roomy = self._learn_block(scope, rec.scope, key, event.revision, value) or roomy
         if events:
             scope.caught_up = max(event.revision for event in events)
         return roomy

@@ -69,6 +69,9 @@ class Scope:
     # blocks (set before each full read), so the slow path can read only what
     # changed since; None: not known, list instead.
     caught_up: int | None = None
+    # The store revision of the last read of the blocks written since (which shows
+    # no deletes, so it does not move caught_up).
+    changes_read: int = 0
     # One thread at a time on the slow path; a waiter whose turn comes after another
     # thread's pass (the generation moved) just picks again.
     slow_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -283,6 +286,9 @@ class BlockView:
                 if held[0] > revision:
                     return  # ours since: a newer write of this process is known
                 self._drop(key)
+            offered = scope.borrowable.get(key)
+            if offered is not None and offered[0] > revision:
+                return  # a newer read is offered already
             scope.foreign.add(key)
             if block is not None:
                 scope.borrowable[key] = (revision, block)
@@ -290,11 +296,13 @@ class BlockView:
                 scope.borrowable.pop(key, None)
 
     def take_borrowable(self, scope: Scope) -> tuple[str, int, AllocationBlock] | None:
-        """One offered block, taken out so that no other thread writes it meanwhile."""
+        """One offered block, at random (the host's other processes and the other
+        hosts are offered the same ones), taken out so that no other thread of this
+        process writes it meanwhile."""
         with self._lock:
             if not scope.borrowable:
                 return None
-            key = next(iter(scope.borrowable))
+            key = random.choice(list(scope.borrowable))
             revision, block = scope.borrowable.pop(key)
             return key, revision, block
 

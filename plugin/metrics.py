@@ -143,6 +143,10 @@ class MeteredDatastore(Datastore):
     def list(self, prefix: str) -> list[Entry]:
         return self._call("list", self._inner.list, prefix)  # type: ignore[no-any-return]
 
+    def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        return self._call("list", self._inner.list_changed,  # type: ignore[no-any-return]
+                          prefix, after_revision)
+
     def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         return self._call("create", self._inner.create, key, value,  # type: ignore[no-any-return]
                           guard)

@@ -19,6 +19,7 @@ from datastore.base import (
     AlreadyExists,
     Datastore,
     DatastoreUnavailable,
+    Entry,
     Event,
     Guard,
     GuardChanged,
@@ -272,6 +273,44 @@ def test_failed_writes_and_reads_do_not_move_the_revision(
     store.list(prefix)
     assert store.delete(prefix + "absent") is False
     assert store.current_revision() == before
+
+
+# list_changed
+
+
+def test_list_changed_gives_the_current_value_of_each_key_written_since(
+    store: Datastore, prefix: str
+) -> None:
+    before = store.create(prefix + "old", '"kept"')
+    a1 = store.create(prefix + "a", '"1"')
+    store.create(prefix + "c", '"1"')
+    a2 = store.update(prefix + "a", '"2"', a1.revision)
+    b = store.create(prefix + "b", '"1"')
+    store.delete(prefix + "c")
+    store.create(prefix + "outside", '"x"')
+    entries, revision = store.list_changed(prefix + "a", before.revision)
+    assert entries == [Entry(prefix + "a", '"2"', a2.revision)]
+    entries, revision = store.list_changed(prefix, before.revision)
+    # Sorted by key, the last write of each, no deleted key, nothing older.
+    assert entries == [Entry(prefix + "a", '"2"', a2.revision),
+                       Entry(prefix + "b", '"1"', b.revision),
+                       Entry(prefix + "outside", '"x"', revision)]
+    assert revision == store.current_revision()
+    assert store.list_changed(prefix, revision) == ([], revision)
+    assert store.list_changed(prefix, 0)[0] == store.list(prefix)
+
+
+def test_list_changed_does_not_need_compacted_history(
+    backend: Backend, store: Datastore, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = store.current_revision()
+    first = store.create(prefix + "a", '"1"')
+    entry = store.update(prefix + "a", '"2"', first.revision)
+    backend.compact(store, monkeypatch)
+    with pytest.raises(RevisionConflict):
+        store.watch(prefix, old, 0.5)
+    entries, _revision = store.list_changed(prefix, old)
+    assert entries == [entry]
 
 
 # watch

@@ -34,7 +34,6 @@ def test_each_process_begins_at_its_own_candidate_and_wraps_around() -> None:
     assert picked == [keys[2], keys[3], keys[0], keys[1]]
 
 
-
 def test_another_hosts_block_from_the_history_is_offered_unless_we_know_it_newer() -> None:
     view, scope, keys = _view_with_candidates(start=0.0)
     theirs = AllocationBlock(IPNetwork("10.100.0.0/26"), "h2")
@@ -45,3 +44,17 @@ def test_another_hosts_block_from_the_history_is_offered_unless_we_know_it_newer
     assert view.take_borrowable(scope) == (keys[0], 2, theirs)
     view.learn_foreign(scope, keys[1], 3, None)  # full: nothing to borrow
     assert keys[1] in scope.foreign and view.take_borrowable(scope) is None
+
+
+def test_an_offer_is_replaced_by_newer_reads_only() -> None:
+    """The history's events may arrive after a newer read of the same block: the
+    offer keeps the newer revision (an older one would lose its compare-and-swap)."""
+    view, scope, keys = _view_with_candidates(start=0.0)
+    theirs = AllocationBlock(IPNetwork("10.100.1.0/26"), "h2")
+    key = block_key(theirs.cidr)
+    view.learn_foreign(scope, key, 7, theirs)
+    view.learn_foreign(scope, key, 5, None)  # an older event: it was full then
+    assert view.take_borrowable(scope) == (key, 7, theirs)
+    view.learn_foreign(scope, key, 8, theirs)
+    view.learn_foreign(scope, key, 9, None)  # a newer one: full now
+    assert view.take_borrowable(scope) is None

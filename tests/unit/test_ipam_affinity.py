@@ -26,6 +26,8 @@ class CountingStore(Datastore):
         self.ops = 0
         self.listed = 0
         self.prefixes: list[str] = []
+        self.changed_reads = 0  # list_changed calls
+        self.watches = 0
 
     def get(self, key: str) -> Entry | None:
         self.ops += 1
@@ -37,6 +39,11 @@ class CountingStore(Datastore):
         entries = self.inner.list(prefix)
         self.listed += len(entries)
         return entries
+
+    def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        self.ops += 1
+        self.changed_reads += 1
+        return self.inner.list_changed(prefix, after_revision)
 
     def create(self, key: str, value: str, guard: Guard | None = None) -> Entry:
         self.ops += 1
@@ -55,6 +62,7 @@ class CountingStore(Datastore):
         return self.inner.current_revision()
 
     def watch(self, prefix: str, after_revision: int, timeout: float) -> list:
+        self.watches += 1
         return self.inner.watch(prefix, after_revision, timeout)
 
 
@@ -185,32 +193,45 @@ def _filled_by_two_processes(tmp_path, subnet: str = "10.100.0.0/21"
     for address in freed:
         second.release_address(subnet, address)
     store.prefixes.clear()
+    store.changed_reads = store.watches = 0
     return first, store, freed
 
 
-def test_addresses_freed_by_another_process_are_found_from_the_history(tmp_path):
+def test_addresses_freed_by_another_process_are_found_by_reading_the_changed_blocks(
+        tmp_path):
+    """One read of the blocks written since (no history, no listing) finds them."""
     first, store, freed = _filled_by_two_processes(tmp_path)
     got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
            for _ in range(len(freed))]
     assert sorted(got) == sorted(freed)
     assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+    assert (store.changed_reads, store.watches) == (1, 0)
     with pytest.raises(Exhausted):
         first.request_address("10.100.0.0/21", None, {})
 
 
-def test_a_view_too_far_behind_lists_the_blocks_and_still_finds_them(tmp_path, monkeypatch):
-    first, store, freed = _filled_by_two_processes(tmp_path)
-    monkeypatch.setattr(block_store, "CATCH_UP_MIN_CHANGES", 10)  # 30 changes behind
+def _requested(ipam: IpamService, count: int) -> list[str]:
+    return [ipam.request_address("10.100.0.0/21", None, {}).split("/")[0]
+            for _ in range(count)]
+
+
+def _history_read_up_to_10_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block_store, "CATCH_UP_MIN_CHANGES", 10)
     monkeypatch.setattr(block_store, "CATCH_UP_PER_BLOCK", 0)
-    got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
-           for _ in range(len(freed))]
-    assert sorted(got) == sorted(freed)
-    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
 
 
-def test_a_cell_another_process_freed_is_claimed_from_the_history(tmp_path):
-    """The second process empties a whole block (deleted, its cell free): the first,
-    whose cursor passed every cell, claims that cell again without a listing."""
+def test_a_view_too_far_behind_for_the_history_still_finds_freed_addresses_unlisted(
+        tmp_path, monkeypatch):
+    first, store, freed = _filled_by_two_processes(tmp_path)
+    _history_read_up_to_10_changes(monkeypatch)  # 30 changes behind
+    assert sorted(_requested(first, len(freed))) == sorted(freed)
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+
+
+def _block_emptied_by_another_process(tmp_path) -> tuple[IpamService, CountingStore,
+                                                          list[str]]:
+    """The second process empties a whole block (deleted, its cell free) of a subnet
+    that the first filled (its cursor passed every cell)."""
     path = str(tmp_path / "s.db")
     store = CountingStore(SqliteDatastore(path))
     first = _network(store, "10.100.0.0/21")
@@ -224,10 +245,23 @@ def test_a_cell_another_process_freed_is_claimed_from_the_history(tmp_path):
         second.release_address("10.100.0.0/21", address)
     assert store.inner.get(BLOCKS_PREFIX + "10.100.3.0-26") is None
     store.prefixes.clear()
-    got = [first.request_address("10.100.0.0/21", None, {}).split("/")[0]
-           for _ in range(len(emptied))]
-    assert sorted(got) == sorted(emptied)
+    return first, store, emptied
+
+
+def test_a_cell_another_process_freed_is_claimed_from_the_history(tmp_path):
+    """The read of the changed blocks cannot show a deleted one: the history does,
+    and the cell is claimed again without a listing."""
+    first, store, emptied = _block_emptied_by_another_process(tmp_path)
+    assert sorted(_requested(first, len(emptied))) == sorted(emptied)
     assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+
+
+def test_a_cell_freed_while_the_view_was_too_far_behind_is_found_by_a_listing(
+        tmp_path, monkeypatch):
+    first, store, emptied = _block_emptied_by_another_process(tmp_path)
+    _history_read_up_to_10_changes(monkeypatch)  # 64 changes behind
+    assert sorted(_requested(first, len(emptied))) == sorted(emptied)
+    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
 
 
 def test_a_busy_or_avoided_block_is_waited_for_rather_than_the_subnet_listed(tmp_path):
@@ -265,25 +299,29 @@ def _idle_while_another_fills(tmp_path) -> tuple[IpamService, CountingStore, lis
     assert store.inner.current_revision() - first.blocks.view.scopes()[0].caught_up > max(
         block_store.CATCH_UP_MIN_CHANGES, block_store.CATCH_UP_PER_BLOCK * 32)
     store.prefixes.clear()
+    store.changed_reads = store.watches = 0
     return first, store, freed
 
 
-def test_the_refresher_brings_an_idle_view_up_to_date_without_listing(tmp_path):
+def test_the_refresher_brings_an_idle_view_up_to_date_off_the_request_path(tmp_path):
     idle, store, freed = _idle_while_another_fills(tmp_path)
     assert idle.blocks.refresh() == 1
+    store.changed_reads = store.watches = 0
     got = [idle.request_address("10.100.0.0/21", None, {}).split("/")[0]
            for _ in range(len(freed))]
     assert sorted(got) == sorted(freed)
     assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+    assert (store.changed_reads, store.watches) == (0, 0), "the requests read changes"
 
 
-def test_without_the_refresher_an_idle_view_lists_the_subnet(tmp_path):
+def test_without_the_refresher_an_idle_view_reads_the_changes_in_a_request(tmp_path):
     """What the refresher saves (the check above is not vacuous)."""
     idle, store, freed = _idle_while_another_fills(tmp_path)
     got = [idle.request_address("10.100.0.0/21", None, {}).split("/")[0]
            for _ in range(len(freed))]
     assert sorted(got) == sorted(freed)
-    assert store.prefixes.count(BLOCKS_PREFIX) == 1, store.prefixes
+    assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+    assert store.changed_reads == 1
 
 
 def _refreshers() -> int:
