@@ -58,9 +58,10 @@ class Scope:
     full: set[str] = field(default_factory=set)
     foreign: set[str] = field(default_factory=set)  # cells taken by other hosts
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    # Cells of this scope whose block this process deleted (emptied): free again,
-    # and claimed before the cursor moves on.
-    returned: list[IPNetwork] = field(default_factory=list)
+    # Cells of this scope whose block was deleted (emptied), by block key: free
+    # again, and claimed before the cursor moves on, unless a block there is learned
+    # first (another process claimed it).
+    returned: dict[str, IPNetwork] = field(default_factory=dict)
     # Other hosts' blocks with room, as the last full listing read them (revision and
     # block): borrowed from in turn before the subnet is listed again.
     borrowable: dict[str, tuple[int, AllocationBlock]] = field(default_factory=dict)
@@ -141,11 +142,12 @@ class BlockView:
     def note_foreign(self, scope: Scope, key: str) -> None:
         with self._lock:
             scope.foreign.add(key)
+            scope.returned.pop(key, None)
 
     def return_cell(self, scope: Scope, cell: IPNetwork) -> None:
         """A cell known to be free: the next claim takes it."""
         with self._lock:
-            scope.returned.append(cell)
+            scope.returned[self.key_of(cell)] = cell
 
     # --------------------------------------------------------------- choosing
 
@@ -195,7 +197,7 @@ class BlockView:
         """The next grid cell of the scope not known to hold a block; None at the end."""
         with self._lock:
             if scope.returned:
-                return scope.returned.pop()
+                return scope.returned.popitem()[1]
             if scope.cells_done:
                 return None
             for cell in scope.cells:
@@ -227,9 +229,11 @@ class BlockView:
                 self._drop(key)
                 for scope in foreign_in:
                     scope.foreign.add(key)
+                    scope.returned.pop(key, None)
                 return
             self._blocks[key] = (revision, block)
             for scope in self._scopes.values():
+                scope.returned.pop(key, None)  # the cell is taken again
                 if scope.loaded and key in scope.full:
                     # Something was freed: worth a look again (pick re-checks it).
                     scope.full.discard(key)
@@ -257,7 +261,7 @@ class BlockView:
             if freed_cell is not None:
                 for scope in self._scopes.values():
                     if scope.loaded and _overlaps(freed_cell, scope):
-                        scope.returned.append(freed_cell)
+                        scope.returned[key] = freed_cell
 
     def _drop(self, key: str) -> None:
         self._blocks.pop(key, None)
@@ -286,6 +290,7 @@ class BlockView:
                 if held[0] > revision:
                     return  # ours since: a newer write of this process is known
                 self._drop(key)
+            scope.returned.pop(key, None)  # another host claimed the cell again
             offered = scope.borrowable.get(key)
             if offered is not None and offered[0] > revision:
                 return  # a newer read is offered already

@@ -58,3 +58,19 @@ def test_an_offer_is_replaced_by_newer_reads_only() -> None:
     view.learn_foreign(scope, key, 8, theirs)
     view.learn_foreign(scope, key, 9, None)  # a newer one: full now
     assert view.take_borrowable(scope) is None
+
+
+def test_a_freed_cell_is_not_claimed_once_a_block_there_is_learned() -> None:
+    """Every process learns of a deleted block from the history: once one of them has
+    claimed the cell again and that is learned, the others no longer try it (a read
+    each)."""
+    view = BlockView("h1", block_key)
+    cells = list(SUBNET.subnet(26))
+    scope = view.scope(("10.100.0.0/24", None, 26), IPSet([SUBNET]), iter(()))
+    scope.loaded = True
+    for cell in cells[:3]:
+        view.forget(block_key(cell), freed_cell=cell)
+    view.learn_foreign(scope, block_key(cells[0]), 5, None)  # another host's now
+    view.learn(block_key(cells[1]), 6, AllocationBlock(cells[1], "h1"))  # ours
+    assert view.next_cell(scope) == cells[2]
+    assert view.next_cell(scope) is None
