@@ -28,6 +28,9 @@ from datastore.base import (
 # Change-log rows kept for watchers; older history is compacted away.
 CHANGELOG_KEEP = 10000
 WATCH_POLL_SECONDS = 0.05
+# list_changed reads the keys from the change log up to this many revisions back;
+# further back it scans every key under the prefix.
+CHANGED_FROM_LOG_MAX = 4096
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -160,17 +163,27 @@ class SqliteDatastore(Datastore):
         return [Entry(*row) for row in rows]
 
     def list_changed(self, prefix: str, after_revision: int) -> tuple[list[Entry], int]:
+        upper = _prefix_upper_bound(prefix)
         conn = self._conn()
         try:
             conn.execute("BEGIN")  # one snapshot for the rows and the revision
             try:
-                rows = conn.execute(
-                    "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ? "
-                    "AND revision > ? ORDER BY key",
-                    (prefix, _prefix_upper_bound(prefix), after_revision),
-                ).fetchall()
-                revision = conn.execute(
-                    "SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+                meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+                revision = meta["revision"]
+                if (after_revision >= meta["compacted"]
+                        and revision - after_revision <= CHANGED_FROM_LOG_MAX):
+                    # The keys from the change log (by revision), not a scan of
+                    # every key under the prefix.
+                    rows = conn.execute(
+                        "SELECT key, value, revision FROM kv WHERE key IN (SELECT key "
+                        "FROM changes WHERE revision > ? AND key >= ? AND key < ?) AND "
+                        "revision > ? ORDER BY key",
+                        (after_revision, prefix, upper, after_revision)).fetchall()
+                else:
+                    rows = conn.execute(
+                        "SELECT key, value, revision FROM kv WHERE key >= ? AND key < ? "
+                        "AND revision > ? ORDER BY key",
+                        (prefix, upper, after_revision)).fetchall()
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:

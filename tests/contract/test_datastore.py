@@ -313,6 +313,26 @@ def test_list_changed_does_not_need_compacted_history(
     assert entries == [entry]
 
 
+def test_sqlite_list_changed_from_the_log_and_from_a_scan_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteDatastore(str(tmp_path / "s.db"))
+    start = store.create("/p/old", '"0"').revision
+    for index in range(20):
+        store.create(f"/p/{index:02}", '"1"')
+    for index in range(0, 20, 3):
+        entry = store.get(f"/p/{index:02}")
+        assert entry is not None
+        store.update(entry.key, '"2"', entry.revision)
+    store.delete("/p/05")
+    since = start + 10
+    from_log = store.list_changed("/p/", since)
+    monkeypatch.setattr("datastore.sqlite.CHANGED_FROM_LOG_MAX", 0)
+    assert store.list_changed("/p/", since) == from_log
+    assert [entry.key for entry in from_log[0]] == [
+        f"/p/{index:02}" for index in (0, 3, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19)]
+
+
 # watch
 
 
