@@ -81,10 +81,10 @@ AFFINITY_PREFIX = ROOT + "ipam/affinity/"
 
 # Above this many grid blocks in a range, list every block instead of one get per block.
 MAX_BLOCK_GETS = 16
-# Changes behind (store revisions) beyond which the slow path lists every block
-# rather than reading the history: each change carries a whole block, but only the
-# last change of each block is parsed, so a few changes per known block still cost
-# less than parsing every block.
+# Changes behind (store revisions) beyond which the slow path and the refresher
+# list every block rather than read the history: each change carries a whole block,
+# but only the last change of each block is parsed, so a few changes per known block
+# still cost less than parsing every block.
 CATCH_UP_PER_BLOCK = 4
 CATCH_UP_MIN_CHANGES = 256
 # The refresher (BlockStore.refresh): how often it runs, and how long after this
@@ -513,14 +513,13 @@ class BlockStore:
             return True
         return False
 
-    def _catch_up(self, scope: Scope, rec: SubnetReservation, bounded: bool = True,
-                  wait: float = 0.0) -> bool:
+    def _catch_up(self, scope: Scope, rec: SubnetReservation, wait: float = 0.0) -> bool:
         """Learn the scope's blocks changed since the view last read them, from the
         store's history; True when one of this host's has room again, a cell was
         freed or another host's block has room to borrow. False when not, or when
-        the history is gone or (bounded) the view is too far behind for the history
-        to be cheaper than a listing; then scope.caught_up is None until the next
-        full listing."""
+        the history is gone or the view is too far behind for the history to be
+        cheaper than a listing; then scope.caught_up is None until the next full
+        listing."""
         since = scope.caught_up
         if since is None:
             return False
@@ -528,7 +527,7 @@ class BlockStore:
         if behind <= 0:
             return False  # nothing changed (and a watch would wait for a change)
         known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
-        if bounded and behind > max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known):
+        if behind > max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known):
             scope.caught_up = None
             return False
         try:
@@ -620,14 +619,17 @@ class BlockStore:
     def refresh(self, now: float | None = None) -> int:
         """Bring the view of each mostly claimed scope (BlockView.mostly_claimed) that
         this process allocated from in the last REFRESH_IDLE_SECONDS up to date: the
-        blocks changed since its last read, from the history (every block only when
-        the history is gone or the view was idle too long). So the addresses and
-        cells that the host's other processes free, and other hosts' blocks with
-        room to borrow, are known before this process runs out, and a process that
-        was idle while others filled the subnet does not list every block in the
-        middle of a burst of requests. A scope with cells to spare needs none of it
-        (a process out of room claims a new block). Skips a scope another thread is
-        on the slow path of. Returns how many scopes it read."""
+        blocks changed since its last read, from the history, or every block when
+        the view is further behind than the history is worth reading (the first
+        round after a scope became mostly claimed, when the other processes filled
+        it meanwhile: one listing costs less than tens of thousands of changes) or
+        the history is gone. So the addresses and cells that the host's other
+        processes free, and other hosts' blocks with room to borrow, are known
+        before this process runs out, and a process that was idle while others
+        filled the subnet does not list every block in the middle of a burst of
+        requests. A scope with cells to spare needs none of it (a process out of
+        room claims a new block). Skips a scope another thread is on the slow path
+        of. Returns how many scopes it read."""
         since = (time.monotonic() if now is None else now) - REFRESH_IDLE_SECONDS
         read = 0
         for scope in self.view.scopes():
@@ -638,10 +640,8 @@ class BlockStore:
             if not scope.slow_lock.acquire(blocking=False):
                 continue
             try:
-                # Every REFRESH_SECONDS the history holds about as many changes as the
-                # processes wrote meanwhile: read it whatever its length, and wait
-                # for it a while (this thread holds up no request).
-                if (not self._catch_up(scope, rec, bounded=False, wait=REFRESH_WAIT_SECONDS)
+                # Wait for the history a while: this thread holds up no request.
+                if (not self._catch_up(scope, rec, wait=REFRESH_WAIT_SECONDS)
                         and scope.caught_up is None):
                     self._relist(scope, rec)
                 read += 1

@@ -304,13 +304,26 @@ def _idle_while_another_fills(tmp_path) -> tuple[IpamService, CountingStore, lis
 
 
 def test_the_refresher_brings_an_idle_view_up_to_date_off_the_request_path(tmp_path):
+    """Too far behind for the history: the refresher lists the blocks once (rather
+    than page through every change), and the requests then read nothing."""
     idle, store, freed = _idle_while_another_fills(tmp_path)
     assert idle.blocks.refresh() == 1
-    store.changed_reads = store.watches = 0
+    assert store.prefixes.count(BLOCKS_PREFIX) == 1 and store.watches == 0
+    store.prefixes.clear()
+    store.changed_reads = 0
     got = [idle.request_address("10.100.0.0/21", None, {}).split("/")[0]
            for _ in range(len(freed))]
     assert sorted(got) == sorted(freed)
     assert BLOCKS_PREFIX not in store.prefixes, "the subnet's blocks were listed"
+    assert (store.changed_reads, store.watches) == (0, 0), "the requests read changes"
+
+
+def test_a_refresher_close_behind_reads_the_history_not_every_block(tmp_path):
+    first, store, freed = _filled_by_two_processes(tmp_path)  # 30 changes behind
+    assert first.blocks.refresh() == 1
+    assert BLOCKS_PREFIX not in store.prefixes and store.watches == 1
+    store.changed_reads = store.watches = 0
+    assert sorted(_requested(first, len(freed))) == sorted(freed)
     assert (store.changed_reads, store.watches) == (0, 0), "the requests read changes"
 
 
