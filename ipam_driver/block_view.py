@@ -233,8 +233,10 @@ class BlockView:
                 return
             self._blocks[key] = (revision, block)
             for scope in self._scopes.values():
-                scope.returned.pop(key, None)  # the cell is taken again
-                if scope.loaded and key in scope.full:
+                # A cell returned and now taken by a block of ours (a gateway's, say):
+                # a candidate, as a claim that read it would have made it.
+                returned = scope.returned.pop(key, None) is not None
+                if scope.loaded and (returned or key in scope.full):
                     # Something was freed: worth a look again (pick re-checks it).
                     scope.full.discard(key)
                     scope.candidates[key] = None

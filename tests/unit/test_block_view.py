@@ -74,3 +74,5 @@ def test_a_freed_cell_is_not_claimed_once_a_block_there_is_learned() -> None:
     view.learn(block_key(cells[1]), 6, AllocationBlock(cells[1], "h1"))  # ours
     assert view.next_cell(scope) == cells[2]
     assert view.next_cell(scope) is None
+    # Ours (a gateway's block, written by value): allocated from, not a new block.
+    assert view.pick(scope) == block_key(cells[1])

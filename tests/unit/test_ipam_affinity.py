@@ -210,9 +210,12 @@ def test_addresses_freed_by_another_process_are_found_by_reading_the_changed_blo
         first.request_address("10.100.0.0/21", None, {})
 
 
+def _requested_in(ipam: IpamService, subnet: str, count: int) -> list[str]:
+    return [ipam.request_address(subnet, None, {}).split("/")[0] for _ in range(count)]
+
+
 def _requested(ipam: IpamService, count: int) -> list[str]:
-    return [ipam.request_address("10.100.0.0/21", None, {}).split("/")[0]
-            for _ in range(count)]
+    return _requested_in(ipam, "10.100.0.0/21", count)
 
 
 def _history_read_up_to_10_changes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,3 +393,18 @@ def test_the_refresher_skips_a_subnet_with_cells_to_spare(tmp_path):
     for _ in range(16 * 64 - 100):
         ipam.request_address("10.100.0.0/21", None, {})
     assert ipam.blocks.refresh() == 1
+
+
+def test_a_subnet_created_again_allocates_from_its_gateways_block(tmp_path):
+    """The process that served a removed network's subnet still holds the cells it
+    freed; when the same subnet comes back, the first container address shares the
+    gateway's block instead of claiming another one."""
+    ipam = _network(SqliteDatastore(str(tmp_path / "s.db")), "10.100.0.0/24")
+    taken = _requested_in(ipam, "10.100.0.0/24", 150)  # three blocks
+    for address in taken:
+        ipam.release_address("10.100.0.0/24", address)
+    ipam.release_address("10.100.0.0/24", "10.100.0.1")
+    ipam.release_pool("10.100.0.0/24")
+    ipam.request_pool("10.100.0.0/24", None, {}, False)
+    ipam.request_address("10.100.0.0/24", None, GATEWAY)
+    assert _requested_in(ipam, "10.100.0.0/24", 1) == ["10.100.0.2"]
