@@ -526,7 +526,7 @@ class BlockStore:
         behind = self.store.current_revision() - since
         if behind <= 0:
             return False  # nothing changed (and a watch would wait for a change)
-        known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
+        known = self.view.known_blocks(scope)
         if behind > max(CATCH_UP_MIN_CHANGES, CATCH_UP_PER_BLOCK * known):
             scope.caught_up = None
             return False

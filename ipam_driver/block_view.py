@@ -116,13 +116,16 @@ class BlockView:
                 scope = self._scopes[key] = Scope(key, allowed, cells, cell_count)
             return scope
 
+    def known_blocks(self, scope: Scope) -> int:
+        """How many of the scope's cells are known to hold a block."""
+        with self._lock:
+            return len(scope.candidates) + len(scope.full) + len(scope.foreign)
+
     def mostly_claimed(self, scope: Scope) -> bool:
         """Whether at least MOSTLY_CLAIMED of the scope's cells are known to hold a
         block (all of them are once the cursor has passed every cell): from then on
         more and more room comes from addresses and blocks freed, not new cells."""
-        with self._lock:
-            known = len(scope.candidates) + len(scope.full) + len(scope.foreign)
-            return known >= MOSTLY_CLAIMED * scope.cell_count
+        return self.known_blocks(scope) >= MOSTLY_CLAIMED * scope.cell_count
 
     def ranges(self, scope: Scope, key: str, block: AllocationBlock) -> list[tuple[int, int]]:
         """The scope's allowed addresses inside block (computed once per block)."""
@@ -142,7 +145,7 @@ class BlockView:
     def note_foreign(self, scope: Scope, key: str) -> None:
         with self._lock:
             scope.foreign.add(key)
-            scope.returned.pop(key, None)
+            self._cell_taken(key)
 
     def return_cell(self, scope: Scope, cell: IPNetwork) -> None:
         """A cell known to be free: the next claim takes it."""
@@ -229,14 +232,14 @@ class BlockView:
                 self._drop(key)
                 for scope in foreign_in:
                     scope.foreign.add(key)
-                    scope.returned.pop(key, None)
+                self._cell_taken(key)
                 return
             self._blocks[key] = (revision, block)
+            returned_in = self._cell_taken(key)
             for scope in self._scopes.values():
-                # A cell returned and now taken by a block of ours (a gateway's, say):
-                # a candidate, as a claim that read it would have made it.
-                returned = scope.returned.pop(key, None) is not None
-                if scope.loaded and (returned or key in scope.full):
+                # A cell returned and now taken by a block of ours (a gateway's, say)
+                # is a candidate, as a claim that read it would have made it.
+                if scope.loaded and (scope in returned_in or key in scope.full):
                     # Something was freed: worth a look again (pick re-checks it).
                     scope.full.discard(key)
                     scope.candidates[key] = None
@@ -265,6 +268,12 @@ class BlockView:
                     if scope.loaded and _overlaps(freed_cell, scope):
                         scope.returned[key] = freed_cell
 
+    def _cell_taken(self, key: str) -> list[Scope]:
+        """A block is known at key: its cell is no longer free to claim. The scopes
+        that held it as returned."""
+        return [scope for scope in self._scopes.values()
+                if scope.returned.pop(key, None) is not None]
+
     def _drop(self, key: str) -> None:
         self._blocks.pop(key, None)
         for scope in self._scopes.values():
@@ -292,7 +301,7 @@ class BlockView:
                 if held[0] > revision:
                     return  # ours since: a newer write of this process is known
                 self._drop(key)
-            scope.returned.pop(key, None)  # another host claimed the cell again
+            self._cell_taken(key)  # another host claimed the cell again
             offered = scope.borrowable.get(key)
             if offered is not None and offered[0] > revision:
                 return  # a newer read is offered already
